@@ -1,0 +1,28 @@
+"""rwkv-infer: serve the models of config/infer/NAME.toml over an OpenAI-compatible HTTP API."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from rwkv_app.cli.common import add_config_args, make_parser, run_main
+from rwkv_app.config import dump_toml, load_infer_config
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    parser = make_parser("rwkv-infer", "Serve the models of config/infer/NAME.toml (OpenAI-compatible HTTP API).")
+    add_config_args(parser, "infer")
+    args = parser.parse_args(argv)
+    cfg = load_infer_config(args.config_dir, args.infer_cfg)
+    if args.print_config:
+        sys.stdout.write(dump_toml(cfg))
+        return 0
+    raise SystemExit("rwkv-infer: serving is not wired yet")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_main(_main, argv, "rwkv-infer")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
