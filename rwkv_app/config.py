@@ -50,7 +50,7 @@ def default_lora_ranks(num_cells: int, embedded_dim: int) -> tuple[int, int, int
 class _Section(BaseModel):
     """Strict base: unknown keys are errors that suggest the closest valid key."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, populate_by_name=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -152,9 +152,9 @@ class TrainConfig(_Section):
     """config/train/NAME.toml: data, optimizer, schedule, strategy and outputs of one experiment."""
 
     model_cfg: Optional[str] = Field(None, description="model/NAME.toml by name, or a path (with a `/`) relative to this file")
-    model: Optional[ModelConfig] = Field(None, description="the architecture inline, instead of `model_cfg`")
+    model: Optional[ModelConfig] = Field(None, description="the architecture inline; wins over `model_cfg`")
     experiment_name: str = Field(..., min_length=1, description="names the run directory output_base_path/NAME")
-    output_base_path: str = Field("../../runs", description="where run directories go (relative to this file)")
+    output_base_path: str = Field("../../runs", validate_default=True, description="where run directories go (relative to this file)")
 
     # data
     dataset_base_path: str = Field(..., description="folder of the dataset (relative to this file)")
@@ -273,7 +273,7 @@ class InferModelConfig(_Section):
 
     model_name: str = Field(..., min_length=1, description="the `model` value clients send")
     model_cfg: Optional[str] = Field(None, description="model/NAME.toml by name, or a path relative to this file")
-    model: Optional[ModelConfig] = Field(None, description="the architecture inline, instead of `model_cfg`")
+    model: Optional[ModelConfig] = Field(None, description="the architecture inline; wins over `model_cfg`")
     weights_path: str = Field(..., description=".safetensors (ours) or RWKV-LM .pth, relative to this file")
     tokenizer_vocab_path: Optional[str] = Field(None, description="vocab in the World format; default: bundled World vocab")
     device_type: Union[Literal["auto", "cpu", "cuda"], int] = Field(
@@ -435,11 +435,13 @@ def load_model_config(config_dir: Union[str, Path], name: str) -> ModelConfig:
 
 
 def _attach_model(entry: dict, holder: Path, config_dir: Optional[Path], shown: str) -> dict:
-    """Replace `model_cfg` by the architecture it names (`[model]` inline is taken as is)."""
+    """Load the architecture `model_cfg` names into `model`.
+
+    An inline `[model]` table wins and `model_cfg` beside it is only a record of where it came from: that is the
+    shape --print-config writes, so a printed config loads back by itself.
+    """
     ref = entry.get("model_cfg")
     if "model" in entry:
-        if ref is not None:
-            raise UserError(f"{shown}: give either `model_cfg` or an inline `[model]` table, not both")
         return entry
     if ref is None:
         raise UserError(f"{shown}: missing required key `model_cfg` (a model/NAME.toml name)")
@@ -530,3 +532,43 @@ def dump_toml(cfg: BaseModel, keep_secrets: bool = False) -> str:
 
 def _has_secret(cfg: BaseModel, key: str) -> bool:
     return getattr(cfg, key, None) is not None
+
+
+# -------------------------------------------------------------------------------------------------- reference doc
+
+
+def render_reference() -> str:
+    """docs/config.md: every field of every file, from the schemas themselves (so it cannot drift)."""
+    sections = [
+        ("config/model/NAME.toml", ModelConfig), ("config/train/NAME.toml", TrainConfig),
+        ("config/infer/NAME.toml (top level)", InferConfig), ("config/infer/NAME.toml `[[models]]`", InferModelConfig),
+        ("config/infer/NAME.toml `[models.chat_template]`", ChatTemplate),
+    ]
+    lines = ["# Configuration reference", "",
+             "Generated from `rwkv_app/config.py` (`python -m rwkv_app.config > docs/config.md`). Unknown keys are",
+             "errors. Relative paths are relative to the folder of the TOML file that holds them. `model_cfg` is a",
+             "name in `config/model/` or, when it contains a `/`, a path; an inline `[model]` table wins over it.",
+             "Secrets (" + ", ".join(f"`{s}`" for s in SECRET_FIELDS) + ") are never printed or written back.", ""]
+    for title, cls in sections:
+        lines += [f"## {title}", "", (cls.__doc__ or "").strip().splitlines()[0], "",
+                  "| key | type | default | meaning |", "|---|---|---|---|"]
+        for name, field in cls.model_fields.items():
+            if field.is_required():
+                default = "required"
+            else:
+                value = field.get_default(call_default_factory=True)
+                default = "—" if value is None else f"`{value!r}`" if not isinstance(value, BaseModel) else "table"
+            kind = _type_name(field.annotation)
+            lines.append(f"| `{name}` | {kind} | {default} | {field.description or ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if getattr(annotation, "__args__", None) is None else None
+    text = text or repr(annotation).replace("typing.", "")
+    return re.sub(r"\b(?:\w+\.)+(?=[A-Z])", "", text).replace("|", "\\|")
+
+
+if __name__ == "__main__":
+    print(render_reference(), end="")
