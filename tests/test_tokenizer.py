@@ -266,6 +266,9 @@ def test_load_tokenizer_kinds(tmp_path):
     assert type(generic) is GenericTokenizer and generic.encode("xx") == [1, 1]
     integer = load_tokenizer("integer", max_value=7)
     assert isinstance(integer, IntegerTokenizer) and integer.vocab_size == 9
+    import rwkv_app
+
+    assert rwkv_app.load_tokenizer is load_tokenizer and rwkv_app.AngleTokenizer is AngleTokenizer
 
 
 # ------------------------------------------------------------------------------------------------- bad input
