@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
-from rwkv_app.cli.common import add_config_args, make_parser, run_main
-from rwkv_app.config import dump_toml, load_infer_config
+from rwkv_app.cli.common import add_config_args, make_parser, run_main, setup_logging
+from rwkv_app.config import config_path, dump_toml, load_infer_config
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
@@ -17,7 +18,11 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     if args.print_config:
         sys.stdout.write(dump_toml(cfg))
         return 0
-    raise SystemExit("rwkv-infer: serving is not wired yet")
+    from rwkv_app.infer.server import InferServer
+
+    setup_logging()
+    InferServer(cfg, config_path(args.config_dir, "infer", args.infer_cfg), Path(args.config_dir)).run()
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

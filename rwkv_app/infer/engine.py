@@ -1,0 +1,470 @@
+"""One model replica on one device: state slots, continuous batching, sampling and detokenizing on a worker thread.
+
+The engine never sees HTTP. Callers `submit` a `GenerationRequest` and read `Output` events from the returned
+`RequestHandle` (from asyncio or from plain threads). Between two steps the worker admits new requests into free
+slots, drops cancelled ones, and asks the scheduler whether to run a prefill chunk or one batched decode step over
+every sequence that is ready. Every sequence owns one row of the state table, so requests never see each other's
+state; `n > 1` prefills once and copies the state row to the other choices.
+
+Backpressure: each handle buffers at most `OUTPUT_BUFFER` events. A sequence whose reader is that far behind sits
+out the decode steps (keeping its slot) until the reader catches up, so a slow reader still gets every token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from rwkv_app.config import ModelConfig
+from rwkv_app.infer.sampling import Sampled, Sampler, SamplingParams
+from rwkv_app.infer.scheduler import Scheduler
+from rwkv_app.infer.textstream import Piece, TextStream
+
+log = logging.getLogger(__name__)
+
+OUTPUT_BUFFER = 64  # events a handle holds before its sequences pause
+EOD = 0  # token 0 ends a document: generating it ends the sequence
+
+
+class QueueFull(Exception):
+    """The engine's waiting queue is at `max_queued`."""
+
+
+class EngineClosed(Exception):
+    """The engine is draining or stopped and takes no new requests."""
+
+
+@dataclass
+class GenerationRequest:
+    prompt: list[int]  # token ids (at least one)
+    params: SamplingParams
+    max_new_tokens: int  # >= 1
+    stops: list[str] = field(default_factory=list)
+    n: int = 1
+
+    @property
+    def slots_needed(self) -> int:
+        return self.n
+
+
+@dataclass
+class Output:
+    """Text for choice `choice`; `finish_reason` set on its last event ("stop", "length" or "error")."""
+
+    choice: int
+    pieces: list[Piece]
+    finish_reason: Optional[str] = None
+    completion_tokens: int = 0  # tokens sampled for this choice so far (exact; counts the ending token)
+    error: Optional[str] = None
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in self.pieces)
+
+
+class RequestHandle:
+    """The reading end of one request: events in order, a bounded buffer, and `cancel()`.
+
+    Readers on asyncio pass an `asyncio.Event` (one per HTTP request, shared by its handles) to `submit`; the engine
+    sets it from its thread after each step in which it added events. Plain threads use `next_sync`.
+    """
+
+    def __init__(self, request: GenerationRequest, wake_engine: Callable[[], None],
+                 loop: Optional[asyncio.AbstractEventLoop] = None, event: Optional[asyncio.Event] = None):
+        self.request = request
+        self._wake_engine = wake_engine
+        self._loop, self._event = loop, event
+        self._cond = threading.Condition()
+        self._buffer: deque[Output] = deque()
+        self._unfinished = request.n
+        self.cancelled = False
+
+    @property
+    def slots_needed(self) -> int:
+        return self.request.n
+
+    # ---- engine side
+    def _put(self, out: Output) -> None:
+        with self._cond:
+            self._buffer.append(out)
+            self._cond.notify_all()
+
+    def _has_room(self) -> bool:
+        return len(self._buffer) < OUTPUT_BUFFER
+
+    # ---- reader side
+    @property
+    def done(self) -> bool:
+        """Every choice has finished and its last event was taken."""
+        return self._unfinished == 0
+
+    def take(self) -> list[Output]:
+        """Every buffered event, without waiting."""
+        with self._cond:
+            was_full = not self._has_room()
+            outs = list(self._buffer)
+            self._buffer.clear()
+        self._unfinished -= sum(1 for o in outs if o.finish_reason is not None)
+        if was_full:
+            self._wake_engine()  # its paused sequences may run again
+        return outs
+
+    def next_sync(self, timeout: Optional[float] = None) -> Optional[Output]:
+        """The next event (blocking); None once every choice has finished."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._buffer and not self.done:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError("no output from the engine in time")
+                self._cond.wait(left)
+            if not self._buffer:
+                return None
+            was_full = not self._has_room()
+            out = self._buffer.popleft()
+        if out.finish_reason is not None:
+            self._unfinished -= 1
+        if was_full:
+            self._wake_engine()
+        return out
+
+    def cancel(self) -> None:
+        """The client is gone: free the slots at the next step boundary."""
+        if not self.cancelled and not self.done:
+            self.cancelled = True
+            self._wake_engine()
+
+
+async def read_events(handles: list[RequestHandle], event: asyncio.Event,
+                      timeout: Optional[float] = None) -> Optional[list[tuple[int, Output]]]:
+    """Events of several handles sharing `event`: (handle index, event) pairs; [] after `timeout` seconds without
+    any (time for a keep-alive); None once all handles are done."""
+    while True:
+        event.clear()  # cleared before looking, so an event put meanwhile sets it again
+        got = [(i, out) for i, h in enumerate(handles) for out in h.take()]
+        if got:
+            return got
+        if all(h.done for h in handles):
+            return None
+        if timeout is None:
+            await event.wait()
+            continue
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except asyncio.TimeoutError:
+            return []
+
+
+class _Seq:
+    """One choice of one request, living in one state slot."""
+
+    def __init__(self, handle: RequestHandle, choice: int, slot: int, text: TextStream, generator: torch.Generator):
+        self.handle, self.choice, self.slot, self.text, self.generator = handle, choice, slot, text, generator
+        req = handle.request
+        self.params = req.params
+        self.prompt = req.prompt
+        self.pos = 0  # prompt tokens prefilled so far
+        self.last_token = -1
+        self.generated = 0
+        self.siblings: list[_Seq] = []  # other choices waiting for this one's prefilled state
+        self.done = False  # slot given back
+
+    @property
+    def prefill_remaining(self) -> int:
+        return len(self.prompt) - self.pos
+
+
+class Engine:
+    """A model replica: `max_batch_size` state slots decoded together on `device` by a worker thread."""
+
+    def __init__(self, model: torch.nn.Module, model_cfg: ModelConfig, tokenizer: Any, *, max_batch_size: int, max_context_len: int,
+                 paragraph_len: int, decode_first: bool, max_queued: int, name: str = "engine"):
+        from rwkv_app.model.rwkv7 import RWKV7State
+
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.max_batch_size, self.max_context_len, self.max_queued = max_batch_size, max_context_len, max_queued
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        cfg = model_cfg
+        self.state = RWKV7State.zeros(cfg, max_batch_size, self.device, self.dtype)
+        self._fresh = RWKV7State.zeros(cfg, 1, self.device, self.dtype)
+        self.sampler = Sampler(max_batch_size, cfg.vocab_size, tokenizer.vocab_size, self.device)
+        self.scheduler = Scheduler(paragraph_len, decode_first)
+
+        self._cv = threading.Condition()
+        self._inbox: deque[RequestHandle] = deque()
+        self._waiting: deque[RequestHandle] = deque()
+        self._free = list(range(max_batch_size - 1, -1, -1))  # pop() hands out slot 0 first
+        self._seqs: list[_Seq] = []  # admitted, oldest first
+        self._accepting = True
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name=f"rwkv-engine-{name}", daemon=True)
+        self.error: Optional[str] = None  # set if the worker thread died
+        self.steps = {"prefill": 0, "decode": 0}
+        self.tokens_decoded = 0
+
+    # ------------------------------------------------------------------------------------------------ public
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def submit(self, request: GenerationRequest, loop: Optional[asyncio.AbstractEventLoop] = None,
+               event: Optional[asyncio.Event] = None) -> RequestHandle:
+        if not request.prompt or request.max_new_tokens < 1 or not 1 <= request.n <= self.max_batch_size:
+            raise ValueError("a request needs a prompt, max_new_tokens >= 1 and 1 <= n <= max_batch_size")
+        if len(request.prompt) + request.max_new_tokens > self.max_context_len:
+            raise ValueError("prompt + max_new_tokens exceeds max_context_len")
+        handle = RequestHandle(request, self._wake, loop, event)
+        with self._cv:
+            if not self._accepting or self.error is not None:
+                raise EngineClosed(self.name)
+            if len(self._inbox) + len(self._waiting) >= self.max_queued:
+                raise QueueFull(self.name)
+            self._inbox.append(handle)
+            self._cv.notify()
+        return handle
+
+    def generate(self, prompt: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(temperature=0.0),
+                 timeout: Optional[float] = None) -> tuple[list[int], str]:
+        """Blocking convenience for one choice: (token ids, finish reason); used by smoke tests and benchmarks."""
+        handle = self.submit(GenerationRequest(prompt, params, max_new_tokens))
+        tokens, reason = [], "error"
+        while (out := handle.next_sync(timeout)) is not None:
+            if out.error:
+                raise RuntimeError(out.error)
+            tokens += [p.token for p in out.pieces if p.token >= 0]
+            reason = out.finish_reason or reason
+        return tokens, reason
+
+    @property
+    def load(self) -> int:
+        """Requests queued or running: the registry sends new work to the least loaded replica."""
+        return len(self._inbox) + len(self._waiting) + len({id(s.handle) for s in self._seqs})
+
+    @property
+    def queued(self) -> int:
+        return len(self._inbox) + len(self._waiting)
+
+    @property
+    def active_slots(self) -> int:
+        return self.max_batch_size - len(self._free)
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None and (self._thread.is_alive() or not self._thread.ident)
+
+    def drain(self) -> None:
+        """Take no new requests; the ones already submitted run to their end."""
+        with self._cv:
+            self._accepting = False
+            self._cv.notify()
+
+    def close(self, timeout: Optional[float] = None) -> bool:
+        """Drain, wait up to `timeout` for in-flight work, then stop and free the device memory. True if drained."""
+        self.drain()
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread.ident:
+            self._thread.join(timeout)
+        drained = not self._thread.is_alive()
+        if not drained:  # out of time: end what is left so no reader waits forever
+            with self._cv:
+                self._abort_all("the server is shutting down")
+            self._thread.join()
+        self.model = None  # type: ignore[assignment]
+        self.state = self._fresh = None  # type: ignore[assignment]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return drained
+
+    # ------------------------------------------------------------------------------------------------ worker
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while self._iterate():
+                    pass
+        except Exception as e:  # a bug or a device failure: report it, end every request, refuse new ones
+            log.exception("engine %s died", self.name)
+            with self._cv:
+                self.error = f"{type(e).__name__}: {e}"
+                self._abort_all(f"engine failure: {self.error}")
+
+    def _iterate(self) -> bool:
+        with self._cv:
+            self._waiting.extend(self._inbox)
+            self._inbox.clear()
+            self._reap_cancelled()
+            for handle in self.scheduler.admit(self._waiting, len(self._free)):
+                self._waiting.popleft()
+                self._admit(handle)
+            prefilling = [s for s in self._seqs if s.prefill_remaining > 0]
+            decoding = [s for s in self._seqs if s.prefill_remaining == 0 and s.last_token >= 0 and s.handle._has_room()]
+            step = self.scheduler.next_step(prefilling, decoding)
+            if step is None:
+                if self._stop and not self._seqs and not self._waiting:
+                    return False
+                self._cv.wait(0.5)
+                return True
+        touched: set[RequestHandle] = set()
+        try:
+            if step.kind == "prefill":
+                self._prefill(step.seqs, step.chunk_len, touched)
+            else:
+                self._decode(step.seqs, touched)
+        except Exception as e:
+            if not _recoverable(e):
+                raise
+            log.exception("engine %s: step failed; ending its requests", self.name)
+            with self._cv:
+                for seq in step.seqs:
+                    waiting_siblings, seq.siblings = seq.siblings, []
+                    for s in [seq] + waiting_siblings:
+                        if not s.done:
+                            self._finish(s, "error", [], touched, error=f"{type(e).__name__}: {e}")
+        self.steps[step.kind] += 1
+        _wake_readers(touched)
+        return True
+
+    def _reap_cancelled(self) -> None:
+        self._waiting = deque(h for h in self._waiting if not h.cancelled)
+        for seq in [s for s in self._seqs if s.handle.cancelled]:
+            self._release(seq)
+
+    def _admit(self, handle: RequestHandle) -> None:
+        req = handle.request
+        slots = [self._free.pop() for _ in range(req.n)]
+        seqs = [_Seq(handle, i, slot, TextStream(self.tokenizer.incremental_decoder(), req.stops),
+                     req.params.generator(offset=i)) for i, slot in enumerate(slots)]
+        lead = seqs[0]
+        self.state.assign(torch.tensor([lead.slot], device=self.device), self._fresh)
+        for s in seqs:
+            self.sampler.reset(s.slot)
+        lead.siblings = seqs[1:]
+        for s in lead.siblings:
+            s.pos = len(s.prompt)  # prefilled by copying the lead's state
+        self._seqs.append(lead)
+        # siblings join the batch once the lead's prefill is copied into their slots (see _prefill)
+
+    def _prefill(self, seqs: list[_Seq], chunk: int, touched: set) -> None:
+        tokens = torch.tensor([s.prompt[s.pos:s.pos + chunk] for s in seqs], device=self.device)  # [B, T]
+        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        logits = self.model.prefill(tokens, self.state, slots)  # [B, V]
+        for s in seqs:
+            s.pos += chunk
+        done = [i for i, s in enumerate(seqs) if s.prefill_remaining == 0]
+        if not done:
+            return
+        rows, members = [], []
+        for i in done:
+            lead = seqs[i]
+            if lead.siblings:
+                dst = torch.tensor([s.slot for s in lead.siblings], device=self.device)
+                self.state.assign(dst, self.state.index(torch.tensor([lead.slot] * len(dst), device=self.device)))
+                with self._cv:
+                    self._seqs.extend(lead.siblings)
+            for s in [lead] + lead.siblings:
+                rows.append(i)
+                members.append(s)
+            lead.siblings = []
+        self._sample_and_emit(logits[torch.tensor(rows, device=self.device)], members, touched)
+
+    def _decode(self, seqs: list[_Seq], touched: set) -> None:
+        tokens = torch.tensor([s.last_token for s in seqs], device=self.device)  # [B]
+        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        logits = self.model.decode_step(tokens, self.state, slots)  # [B, V]
+        self._sample_and_emit(logits, seqs, touched)
+        self.tokens_decoded += len(seqs)
+
+    def _sample_and_emit(self, logits: torch.Tensor, seqs: list[_Seq], touched: set) -> None:
+        sampled = self.sampler.sample(logits, [s.slot for s in seqs], [s.params for s in seqs],
+                                      [s.generator for s in seqs])
+        with self._cv:
+            for seq, smp in zip(seqs, sampled):
+                if seq.done or seq.handle.cancelled:
+                    continue  # ended meanwhile (aborted), or reaped at the next iteration
+                self._accept(seq, smp, touched)
+
+    def _accept(self, seq: _Seq, smp: Sampled, touched: set) -> None:
+        seq.generated += 1
+        seq.last_token = smp.token
+        limit = seq.handle.request.max_new_tokens
+        if smp.token == EOD:
+            return self._finish(seq, "stop", [], touched)
+        pieces, stopped = seq.text.push(Piece(smp.token, "", smp.logprob, smp.top))
+        if stopped:
+            return self._finish(seq, "stop", pieces, touched)
+        if seq.generated >= limit:
+            return self._finish(seq, "length", pieces, touched)
+        if pieces:
+            seq.handle._put(Output(seq.choice, pieces, completion_tokens=seq.generated))
+            touched.add(seq.handle)
+
+    def _finish(self, seq: _Seq, reason: str, pieces: list[Piece], touched: set, error: Optional[str] = None) -> None:
+        if reason != "error":
+            tail, stopped = seq.text.finish()
+            pieces = pieces + tail
+            reason = "stop" if stopped else reason
+        seq.handle._put(Output(seq.choice, pieces, reason, seq.generated, error))
+        touched.add(seq.handle)
+        self._release(seq)
+
+    def _release(self, seq: _Seq) -> None:
+        """Give the slot back (and those of choices still waiting for this one's prefill)."""
+        for s in [seq] + seq.siblings:
+            if not s.done:
+                s.done = True
+                self._free.append(s.slot)
+        if seq in self._seqs:
+            self._seqs.remove(seq)
+        seq.siblings = []
+
+    def _abort_all(self, message: str) -> None:
+        touched: set[RequestHandle] = set()
+        for handle in list(self._inbox) + list(self._waiting):
+            for i in range(handle.request.n):
+                handle._put(Output(i, [], "error", 0, message))
+            touched.add(handle)
+        self._inbox.clear()
+        self._waiting.clear()
+        for seq in list(self._seqs):
+            for s in [seq] + seq.siblings:
+                s.handle._put(Output(s.choice, [], "error", s.generated, message))
+                touched.add(s.handle)
+            self._release(seq)
+        self._accepting = False
+        _wake_readers(touched)
+
+
+def _recoverable(e: Exception) -> bool:
+    """Errors that end the requests of one step but leave the engine usable (out of memory, bad values)."""
+    return isinstance(e, (torch.cuda.OutOfMemoryError, ValueError, IndexError))
+
+
+def _wake_readers(handles: set[RequestHandle]) -> None:
+    """One wake-up per event loop per step, whatever the batch size."""
+    by_loop: dict[asyncio.AbstractEventLoop, set[asyncio.Event]] = {}
+    for h in handles:
+        if h._loop is not None and h._event is not None:
+            by_loop.setdefault(h._loop, set()).add(h._event)
+    for loop, events in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_set_all, events)
+        except RuntimeError:  # the loop is closed: nobody is reading any more
+            pass
+
+
+def _set_all(events: set[asyncio.Event]) -> None:
+    for e in events:
+        e.set()
