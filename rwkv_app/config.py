@@ -73,7 +73,7 @@ def _resolve_path(value: Optional[str], info: ValidationInfo) -> Optional[str]:
     path = Path(value).expanduser()
     if not path.is_absolute() and base is not None:
         path = Path(base) / path
-    return str(path.resolve()) if path.is_absolute() else value
+    return str(path.resolve()) if path.is_absolute() or base is not None else value
 
 
 # ----------------------------------------------------------------------------------------------------------- model
