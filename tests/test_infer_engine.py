@@ -1,0 +1,165 @@
+"""The serving engine on a tiny random model (CPU): exact greedy decoding, batch independence, n > 1, chunked
+prefill, cancellation, backpressure, queue limits and the end-of-document token."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from rwkv_app.config import ModelConfig
+from rwkv_app.infer.engine import OUTPUT_BUFFER, Engine, GenerationRequest, QueueFull
+from rwkv_app.infer.sampling import SamplingParams
+from rwkv_app.model.rwkv7 import RWKV7
+from rwkv_app.tokenizer import GenericTokenizer, create_vocab_file_from_tokens
+
+CFG = ModelConfig(num_cells=2, vocab_size=300, embedded_dim=64, num_heads=2, head_size=32)
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    create_vocab_file_from_tokens([bytes([b]) for b in range(1, 256)] + ["hello", " world", "é"], path)
+    return GenericTokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = RWKV7(CFG)
+    with torch.no_grad():  # a fresh model has zero output projections: make every weight matter
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return m.eval()
+
+
+def _engine(model, tok, **kw):
+    args = dict(max_batch_size=8, max_context_len=512, paragraph_len=16, decode_first=True, max_queued=32)
+    args.update(kw)
+    return Engine(model, CFG, tok, **args).start()
+
+
+def _reference_greedy(model, prompt, steps, valid):
+    """Token by token through the GPT-mode forward (a different code path than the engine's slot table)."""
+    out, state = [], None
+    with torch.no_grad():
+        logits, state = model(torch.tensor([prompt]), state)
+        for _ in range(steps):
+            nxt = int(logits[0, -1, :valid].argmax())
+            out.append(nxt)
+            if nxt == 0:
+                break
+            logits, state = model(torch.tensor([[nxt]]), state)
+    return out
+
+
+def _read_all(handle):
+    by_choice: dict[int, list] = {}
+    reasons = {}
+    while (out := handle.next_sync(timeout=60)) is not None:
+        assert out.error is None
+        by_choice.setdefault(out.choice, []).extend(out.pieces)
+        if out.finish_reason:
+            reasons[out.choice] = (out.finish_reason, out.completion_tokens)
+    return by_choice, reasons
+
+
+def test_greedy_matches_the_model_and_chunking_does_not_matter(model, tok):
+    prompt = tok.encode("hello world, the engine must match the model exactly")
+    want = _reference_greedy(model, prompt, 24, tok.vocab_size)
+    for paragraph_len in (5, 512):
+        engine = _engine(model, tok, paragraph_len=paragraph_len)
+        try:
+            got, reason = engine.generate(prompt, 24, GREEDY, timeout=60)
+        finally:
+            engine.close()
+        assert got == want[:len(got)] and (reason == "length" or want[len(got)] == 0)
+
+
+def test_a_request_alone_equals_it_among_others(model, tok):
+    prompts = [tok.encode(f"request {i}: " + "abc" * i) for i in range(8)]
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=42)
+    engine = _engine(model, tok, max_batch_size=8, paragraph_len=7)
+    try:
+        alone_greedy = engine.generate(prompts[3], 20, GREEDY, timeout=60)
+        alone_seeded = engine.generate(prompts[5], 20, seeded, timeout=60)
+        handles = [engine.submit(GenerationRequest(p, seeded if i == 5 else GREEDY, 20)) for i, p in enumerate(prompts)]
+        results = [_read_all(h) for h in handles]
+    finally:
+        engine.close()
+    tokens = [[p.token for p in r[0][0]] for r in results]
+    assert tokens[3] == alone_greedy[0] and tokens[5] == alone_seeded[0]
+    assert engine.steps["decode"] < 8 * 20  # they really shared decode steps
+
+
+def test_n_choices_share_one_prefill(model, tok):
+    prompt = tok.encode("several choices from one prompt")
+    params = SamplingParams(temperature=1.0, seed=7)
+    engine = _engine(model, tok)
+    try:
+        single = engine.generate(prompt, 12, params, timeout=60)[0]
+        one = engine.steps["prefill"]
+        pieces, reasons = _read_all(engine.submit(GenerationRequest(prompt, params, 12, n=3)))
+        three = engine.steps["prefill"] - one
+    finally:
+        engine.close()
+    assert sorted(pieces) == [0, 1, 2] and three == one == 2  # 31 tokens in chunks of 16, once for all choices
+    assert [p.token for p in pieces[0]] == single  # choice i draws with seed + i: choice 0 is the n = 1 stream
+    assert len({tuple(p.token for p in v) for v in pieces.values()}) > 1
+    assert all(r[1] == 12 for r in reasons.values())
+
+
+def test_cancel_frees_the_slot(model, tok):
+    engine = _engine(model, tok, max_batch_size=1, max_context_len=10_000)
+    try:
+        handle = engine.submit(GenerationRequest(tok.encode("long"), SamplingParams(seed=1, logit_bias=((0, -100.0),)), 5000))
+        assert handle.next_sync(timeout=60) is not None  # it runs
+        assert engine.active_slots == 1
+        handle.cancel()
+        deadline = time.monotonic() + 30
+        while engine.active_slots and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.active_slots == 0
+        assert engine.generate(tok.encode("next"), 3, GREEDY, timeout=60)[1] == "length"  # the slot is usable
+    finally:
+        engine.close()
+
+
+def test_a_slow_reader_pauses_its_sequence_and_gets_everything(model, tok):
+    engine = _engine(model, tok, max_batch_size=2)
+    n_tokens = OUTPUT_BUFFER * 3
+    no_end = SamplingParams(temperature=1.0, seed=3, logit_bias=((0, -100.0),))
+    try:
+        slow = engine.submit(GenerationRequest(tok.encode("slow"), no_end, n_tokens))
+        deadline = time.monotonic() + 30
+        while len(slow._buffer) < OUTPUT_BUFFER and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(slow._buffer) == OUTPUT_BUFFER  # paused: the buffer does not grow past its bound ...
+        fast = engine.generate(tok.encode("fast"), 10, GREEDY, timeout=60)  # ... and others still run
+        assert len(fast[0]) == 10 and len(slow._buffer) == OUTPUT_BUFFER
+        pieces, reasons = _read_all(slow)
+    finally:
+        engine.close()
+    assert len(pieces[0]) == n_tokens and reasons[0] == ("length", n_tokens)
+
+
+def test_queue_limit_and_end_of_document(model, tok):
+    engine = _engine(model, tok, max_batch_size=1, max_queued=1)
+    try:
+        eod = SamplingParams(temperature=0.0, logit_bias=((0, 100.0),))
+        assert engine.generate(tok.encode("x"), 10, eod, timeout=60) == ([], "stop")
+        block = SamplingParams(logit_bias=((0, -100.0),), seed=0)
+        running = engine.submit(GenerationRequest(tok.encode("a"), block, 400))
+        while engine.active_slots == 0:
+            time.sleep(0.01)
+        queued = engine.submit(GenerationRequest(tok.encode("b"), block, 5))
+        with pytest.raises(QueueFull):
+            engine.submit(GenerationRequest(tok.encode("c"), block, 5))
+        running.cancel()
+        assert _read_all(queued)[1][0] == ("length", 5)
+    finally:
+        engine.close()
+    with pytest.raises(ValueError):
+        engine.submit(GenerationRequest([1] * 500, GREEDY, 100))  # over max_context_len: the server checks first
