@@ -27,7 +27,8 @@ from rwkv_app.errors import UserError
 from rwkv_app.fileio import atomic_path, atomic_write_text
 
 _STEP_NAME = re.compile(r"step-(\d+)")
-STATE_FILE = "trainer.pt"
+STATE_FILE = "trainer.pt"  # written by the engine; its presence marks a complete state
+INFO_FILE = "info.json"
 
 
 def step_name(step: int) -> str:
@@ -99,9 +100,12 @@ class RunDir:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def tmp_state_path(self, step: int) -> Path:
+        return self.state_dir / f".tmp-{step_name(step)}"
+
     def begin_state(self, step: int) -> Path:
         """A fresh temporary folder for the state of `step` (the same name on every rank)."""
-        tmp = self.state_dir / f".tmp-{step_name(step)}"
+        tmp = self.tmp_state_path(step)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         return tmp
@@ -118,6 +122,30 @@ class RunDir:
         os.rename(tmp, final)
         _fsync_dir(self.state_dir)
         return final
+
+    def state_info(self, folder: Path) -> dict:
+        """The small `info.json` beside each state: step, total_steps, tokens, saved."""
+        try:
+            return json.loads((folder / INFO_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def unfinished(self) -> Optional[tuple[int, int]]:
+        """(step, total_steps) when the newest state is of a run that has not reached its end."""
+        latest = self.latest_state()
+        if latest is None:
+            return None
+        info = self.state_info(latest[1])
+        step, total = info.get("step", latest[0]), info.get("total_steps", 0)
+        return (step, total) if step < total else None
+
+    def clear(self) -> None:
+        """Remove a previous run's checkpoints and logs (a fresh start in the same folder)."""
+        for _, path in self.states():
+            shutil.rmtree(path, ignore_errors=True)
+        for path in [*self.weights_dir.glob("*.safetensors"), self.metrics_path, self.train_log_path, self.plot_path]:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(self.tensorboard_dir, ignore_errors=True)
 
     def prune_states(self, keep: int) -> None:
         for _, path in self.states()[:-keep] if keep > 0 else []:
