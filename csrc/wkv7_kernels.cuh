@@ -1,0 +1,625 @@
+// WKV-7 CUDA kernels: training forward, the two backward passes, prefill (the forward without saved activations)
+// and the batched one-token decode step.
+//
+// Maths (per head; S is N x N fp32, indexed [value i, key j]; decay_t = exp(-e^-0.5 sigmoid(w_t))):
+//   S_t = S_{t-1} diag(decay_t) + (S_{t-1} a_t) b_t^T + v_t k_t^T,      y_t = S_t r_t
+//
+// Design. Every row i of S evolves on its own (sa_i = S[i,:].a only reads row i), and so does every row of the
+// adjoint G = dL/dS. Every *column* j of S and of G evolves on its own as well once the per-row scalars sa_t and
+// gb_t = G_t b_t are known. So the work splits into three "line recurrences", each a sequential scan over time
+// where a line (a row or a column of an N x N matrix) lives in registers and the per-step input vectors are
+// broadcast from shared memory:
+//   fwd   (rows of S, forward in time):   sa, S update, y.  Saves sa and S every CHUNK steps (transposed).
+//   rows  (rows of G, backward in time):  G += dy r^T; dv = G k; gb = G b; G = G diag(decay) + gb a^T.
+//   cols  (columns of S and G, backward): S_{t-1} by inverting the update (decay >= 0.545, and the exact
+//         checkpoint is reloaded every CHUNK steps), the column sums dr, dk, db, dw, da.
+// No pass needs a barrier inside a chunk: threads only share the staged inputs. A line is split over P
+// consecutive lanes (E = N/P elements each, reduced with xor shuffles) and a thread may hold R lines (so one
+// shared-memory load feeds R lines). P, R and the lines per block LB are chosen per shape on the host: few heads
+// need many threads per line to fill the GPU, many heads need few to keep the arithmetic free of shuffles.
+//
+// Inputs are staged CHUNK steps at a time with cp.async into a double buffer (the next chunk loads while this one
+// computes), then converted once to fp32. Steps past T are identity steps (zero r, k, v, a, b, dy; decay 1), so
+// callers never pad.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "wkv7.h"
+
+namespace wkv7 {
+
+constexpr int CHUNK = kChunk;
+constexpr float DECAY_SCALE = 0.6065306597126334f;    // exp(-0.5)
+
+// ---------------------------------------------------------------------------------------------------------------
+// small helpers
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + expf(-x)); }
+__device__ __forceinline__ float decay_of(float x) { return expf(-DECAY_SCALE * sigmoid_f(x)); }
+
+// Sum over the P consecutive lanes that share a line (every lane gets the total).
+template <int P>
+__device__ __forceinline__ float group_sum(float x) {
+#pragma unroll
+    for (int m = P / 2; m > 0; m >>= 1) x += __shfl_xor_sync(0xffffffffu, x, m);
+    return x;
+}
+
+// 16-byte global -> shared copy, asynchronous where the chip has cp.async; zero-fills when !valid.
+__device__ __forceinline__ void copy16(void* smem, const void* gmem, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    int bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+#else
+    *reinterpret_cast<uint4*>(smem) = valid ? *reinterpret_cast<const uint4*>(gmem) : make_uint4(0, 0, 0, 0);
+#endif
+}
+__device__ __forceinline__ void copy_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+__device__ __forceinline__ void copy_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group 0;\n" ::);
+#endif
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+}
+
+// Stage steps t0 .. t0+CHUNK-1 of head (b, h) of a [B, T, H, N] tensor into dst[CHUNK][N] (rows past T are zeros).
+template <typename T, int N, int NT>
+__device__ __forceinline__ void stage(T* dst, const T* src, int b, int t0, int T_, int H, int h, int tid) {
+    constexpr int VEC = 16 / sizeof(T);
+    constexpr int PER_ROW = N / VEC;
+    static_assert(N % VEC == 0, "a head's row must be a whole number of 16-byte pieces");
+#pragma unroll 2
+    for (int idx = tid; idx < CHUNK * PER_ROW; idx += NT) {
+        const int s = idx / PER_ROW, c = (idx % PER_ROW) * VEC;
+        const int t = t0 + s;
+        const bool ok = t < T_;
+        const T* g = src + ((static_cast<int64_t>(b) * T_ + (ok ? t : 0)) * H + h) * N + c;
+        copy16(dst + s * N + c, g, ok);
+    }
+}
+
+// Offset of element (b, t, h, n) in a [B, T, H, N] tensor.
+__device__ __forceinline__ int64_t at_bthn(int b, int t, int h, int n, int T_, int H, int N) {
+    return ((static_cast<int64_t>(b) * T_ + t) * H + h) * N + n;
+}
+
+// Thread layout shared by the three line kernels: thread = (group g, lane q); group g owns lines
+// l0 + rr*G + g (rr < R); lane q owns elements 4*(e4*P + q) + c (e4 < E/4, c < 4), so the P lanes of a group read
+// adjacent 16-byte pieces of a broadcast vector (no bank conflicts) and a vector load feeds R lines.
+template <int N, int P, int R, int LB>
+struct Layout {
+    static constexpr int E = N / P;          // elements per line per thread
+    static constexpr int V4 = E / 4;         // float4 pieces per line per thread
+    static constexpr int G = LB / R;         // groups per block
+    static constexpr int NT = G * P;         // threads per block
+    static_assert(N % P == 0 && E % 4 == 0, "each lane must own whole float4 pieces of a line");
+    static_assert(LB % R == 0 && N % LB == 0, "lines must split evenly");
+    static_assert(NT % 32 == 0 || P == 1, "shuffle groups need whole warps");
+    __device__ static __forceinline__ int elem(int e4, int c, int q) { return 4 * (e4 * P + q) + c; }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Forward over rows of S. TRAIN: also writes sa [B,T,H,N] and the checkpoints ckpt [B,H,nC,N(j),N(i)] (the state
+// after each chunk, transposed for the column pass). Prefill: state_in == state_out is allowed (in place).
+
+template <typename T, int N, int P, int R, int LB, bool TRAIN>
+__global__ void __launch_bounds__(Layout<N, P, R, LB>::NT)
+fwd_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __restrict__ k, const T* __restrict__ v,
+           const T* __restrict__ a, const T* __restrict__ bb, const float* state_in, float* state_out,
+           T* __restrict__ y, float* __restrict__ sa_out, float* __restrict__ ckpt, int B, int T_, int H) {
+    using L = Layout<N, P, R, LB>;
+    constexpr int E = L::E, V4 = L::V4, NT = L::NT;
+    const int bh = blockIdx.x, b = bh / H, h = bh % H;
+    const int l0 = blockIdx.y * LB;
+    const int tid = threadIdx.x, g = tid / P, q = tid % P;
+    const int nC = (T_ + CHUNK - 1) / CHUNK;
+
+    // shared memory: raw[2][6][CHUNK][N] (r, w, k, a, b, v) then f32[5][CHUNK][N] (r, decay, k, a, b)
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* raw = reinterpret_cast<T*>(smem);
+    float* f32 = reinterpret_cast<float*>(smem + 2 * 6 * CHUNK * N * sizeof(T));
+    constexpr int V = CHUNK * N;
+    float *fr = f32, *fw = f32 + V, *fk = f32 + 2 * V, *fa = f32 + 3 * V, *fb = f32 + 4 * V;
+
+    float S[R][E];
+#pragma unroll
+    for (int rr = 0; rr < R; rr++) {
+        const float* src = state_in + (static_cast<int64_t>(bh) * N + l0 + rr * L::G + g) * N;
+#pragma unroll
+        for (int e4 = 0; e4 < V4; e4++) {
+            const float4 u = *reinterpret_cast<const float4*>(src + L::elem(e4, 0, q));
+            S[rr][4 * e4] = u.x; S[rr][4 * e4 + 1] = u.y; S[rr][4 * e4 + 2] = u.z; S[rr][4 * e4 + 3] = u.w;
+        }
+    }
+
+    auto issue = [&](int ci, int buf) {
+        T* dst = raw + buf * 6 * V;
+        const int t0 = ci * CHUNK;
+        stage<T, N, NT>(dst + 0 * V, r, b, t0, T_, H, h, tid);
+        stage<T, N, NT>(dst + 1 * V, w, b, t0, T_, H, h, tid);
+        stage<T, N, NT>(dst + 2 * V, k, b, t0, T_, H, h, tid);
+        stage<T, N, NT>(dst + 3 * V, a, b, t0, T_, H, h, tid);
+        stage<T, N, NT>(dst + 4 * V, bb, b, t0, T_, H, h, tid);
+        stage<T, N, NT>(dst + 5 * V, v, b, t0, T_, H, h, tid);
+        copy_commit();
+    };
+    if (nC > 0) issue(0, 0);
+
+    for (int ci = 0; ci < nC; ci++) {
+        const int t0 = ci * CHUNK, buf = ci & 1;
+        copy_wait_all();
+        __syncthreads();  // this chunk landed for everyone; the previous chunk's compute is over
+        if (ci + 1 < nC) issue(ci + 1, buf ^ 1);
+        const T* cur = raw + buf * 6 * V;
+        for (int idx = tid; idx < V; idx += NT) {
+            const bool pad = t0 + idx / N >= T_;
+            fr[idx] = to_f32(cur[idx]);
+            fw[idx] = pad ? 1.f : decay_of(to_f32(cur[V + idx]));
+            fk[idx] = to_f32(cur[2 * V + idx]);
+            fa[idx] = to_f32(cur[3 * V + idx]);
+            fb[idx] = to_f32(cur[4 * V + idx]);
+        }
+        __syncthreads();
+        const T* cv = cur + 5 * V;
+
+        for (int s = 0; s < CHUNK; s++) {
+            const int t = t0 + s;
+            const float4* A4 = reinterpret_cast<const float4*>(fa + s * N) + q;
+            float sa[R];
+            {
+                float acc[R][2][4];
+#pragma unroll
+                for (int rr = 0; rr < R; rr++)
+#pragma unroll
+                    for (int c = 0; c < 8; c++) acc[rr][c / 4][c % 4] = 0.f;
+#pragma unroll
+                for (int e4 = 0; e4 < V4; e4++) {
+                    const float4 u = A4[e4 * P];
+#pragma unroll
+                    for (int rr = 0; rr < R; rr++) {
+                        float* c4 = acc[rr][e4 & 1];
+                        c4[0] = fmaf(S[rr][4 * e4], u.x, c4[0]);
+                        c4[1] = fmaf(S[rr][4 * e4 + 1], u.y, c4[1]);
+                        c4[2] = fmaf(S[rr][4 * e4 + 2], u.z, c4[2]);
+                        c4[3] = fmaf(S[rr][4 * e4 + 3], u.w, c4[3]);
+                    }
+                }
+#pragma unroll
+                for (int rr = 0; rr < R; rr++)
+                    sa[rr] = group_sum<P>(((acc[rr][0][0] + acc[rr][1][0]) + (acc[rr][0][1] + acc[rr][1][1])) +
+                                          ((acc[rr][0][2] + acc[rr][1][2]) + (acc[rr][0][3] + acc[rr][1][3])));
+            }
+            float vv[R];
+#pragma unroll
+            for (int rr = 0; rr < R; rr++) vv[rr] = to_f32(cv[s * N + l0 + rr * L::G + g]);
+
+            const float4* W4 = reinterpret_cast<const float4*>(fw + s * N) + q;
+            const float4* B4 = reinterpret_cast<const float4*>(fb + s * N) + q;
+            const float4* K4 = reinterpret_cast<const float4*>(fk + s * N) + q;
+            const float4* R4 = reinterpret_cast<const float4*>(fr + s * N) + q;
+            float acc[R][2][4];
+#pragma unroll
+            for (int rr = 0; rr < R; rr++)
+#pragma unroll
+                for (int c = 0; c < 8; c++) acc[rr][c / 4][c % 4] = 0.f;
+#pragma unroll
+            for (int e4 = 0; e4 < V4; e4++) {
+                const float4 wv = W4[e4 * P], bv = B4[e4 * P], kv = K4[e4 * P], rv = R4[e4 * P];
+                const float wa[4] = {wv.x, wv.y, wv.z, wv.w}, ba[4] = {bv.x, bv.y, bv.z, bv.w};
+                const float ka[4] = {kv.x, kv.y, kv.z, kv.w}, ra[4] = {rv.x, rv.y, rv.z, rv.w};
+#pragma unroll
+                for (int rr = 0; rr < R; rr++)
+#pragma unroll
+                    for (int c = 0; c < 4; c++) {
+                        float& x = S[rr][4 * e4 + c];
+                        x = fmaf(x, wa[c], fmaf(sa[rr], ba[c], vv[rr] * ka[c]));
+                        acc[rr][e4 & 1][c] = fmaf(x, ra[c], acc[rr][e4 & 1][c]);
+                    }
+            }
+#pragma unroll
+            for (int rr = 0; rr < R; rr++) {
+                const float yy = group_sum<P>(((acc[rr][0][0] + acc[rr][1][0]) + (acc[rr][0][1] + acc[rr][1][1])) +
+                                              ((acc[rr][0][2] + acc[rr][1][2]) + (acc[rr][0][3] + acc[rr][1][3])));
+                if (q == rr % P && t < T_) {
+                    const int64_t o = at_bthn(b, t, h, l0 + rr * L::G + g, T_, H, N);
+                    y[o] = from_f32<T>(yy);
+                    if (TRAIN) sa_out[o] = sa[rr];
+                }
+            }
+        }
+
+        if (TRAIN) {  // the state after this chunk, stored [j][i] so the column pass reads it as float4
+            float* dst = ckpt + (static_cast<int64_t>(bh) * nC + ci) * N * N;
+#pragma unroll
+            for (int rr = 0; rr < R; rr++)
+#pragma unroll
+                for (int e4 = 0; e4 < V4; e4++)
+#pragma unroll
+                    for (int c = 0; c < 4; c++)
+                        dst[L::elem(e4, c, q) * N + l0 + rr * L::G + g] = S[rr][4 * e4 + c];
+        }
+    }
+
+#pragma unroll
+    for (int rr = 0; rr < R; rr++) {
+        float* dst = state_out + (static_cast<int64_t>(bh) * N + l0 + rr * L::G + g) * N;
+#pragma unroll
+        for (int e4 = 0; e4 < V4; e4++)
+            *reinterpret_cast<float4*>(dst + L::elem(e4, 0, q)) =
+                make_float4(S[rr][4 * e4], S[rr][4 * e4 + 1], S[rr][4 * e4 + 2], S[rr][4 * e4 + 3]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Backward pass 1, over rows of G = dL/dS, backward in time. Writes dv and gb = G_t b_t ([B,T,H,N] fp32, read by
+// pass 2) and the gradient of the initial state. dstate_out (may be null) seeds G.
+
+template <typename T, int N, int P, int R, int LB>
+__global__ void __launch_bounds__(Layout<N, P, R, LB>::NT)
+bwd_rows_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __restrict__ k, const T* __restrict__ a,
+                const T* __restrict__ bb, const T* __restrict__ dy, const float* __restrict__ dstate_out,
+                T* __restrict__ dv, float* __restrict__ gb_out, float* __restrict__ dstate_in, int B, int T_, int H) {
+    using L = Layout<N, P, R, LB>;
+    constexpr int E = L::E, V4 = L::V4, NT = L::NT;
+    const int bh = blockIdx.x, b = bh / H, h = bh % H;
+    const int l0 = blockIdx.y * LB;
+    const int tid = threadIdx.x, g = tid / P, q = tid % P;
+    const int nC = (T_ + CHUNK - 1) / CHUNK;
+
+    // raw[2][6][CHUNK][N] (r, w, k, a, b, dy) then f32[5][CHUNK][N] (r, decay, k, a, b)
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* raw = reinterpret_cast<T*>(smem);
+    float* f32 = reinterpret_cast<float*>(smem + 2 * 6 * CHUNK * N * sizeof(T));
+    constexpr int V = CHUNK * N;
+    float *fr = f32, *fw = f32 + V, *fk = f32 + 2 * V, *fa = f32 + 3 * V, *fb = f32 + 4 * V;
+
+    float G[R][E];
+#pragma unroll
+    for (int rr = 0; rr < R; rr++) {
+        const int64_t row = (static_cast<int64_t>(bh) * N + l0 + rr * L::G + g) * N;
+#pragma unroll
+        for (int e4 = 0; e4 < V4; e4++) {
+            float4 u = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (dstate_out) u = *reinterpret_cast<const float4*>(dstate_out + row + L::elem(e4, 0, q));
+            G[rr][4 * e4] = u.x; G[rr][4 * e4 + 1] = u.y; G[rr][4 * e4 + 2] = u.z; G[rr][4 * e4 + 3] = u.w;
+        }
+    }
+
+    auto issue = [&](int ci, int buf) {
+        T* dst = raw + buf * 6 * V;
+        const int t0 = ci * CHUNK;
+        stage<T, N, NT>(dst + 0 * V, r, b, t0, T_, H, h, tid);
+        stage<T, N, NT>(dst + 1 * V, w, b, t0, T_, H, h, tid);
+        stage<T, N, NT>(dst + 2 * V, k, b, t0, T_, H, h, tid);
+        stage<T, N, NT>(dst + 3 * V, a, b, t0, T_, H, h, tid);
+        stage<T, N, NT>(dst + 4 * V, bb, b, t0, T_, H, h, tid);
+        stage<T, N, NT>(dst + 5 * V, dy, b, t0, T_, H, h, tid);
+        copy_commit();
+    };
+    if (nC > 0) issue(nC - 1, 0);
+
+    for (int it = 0; it < nC; it++) {
+        const int ci = nC - 1 - it, t0 = ci * CHUNK, buf = it & 1;
+        copy_wait_all();
+        __syncthreads();
+        if (ci > 0) issue(ci - 1, buf ^ 1);
+        const T* cur = raw + buf * 6 * V;
+        for (int idx = tid; idx < V; idx += NT) {
+            const bool pad = t0 + idx / N >= T_;
+            fr[idx] = to_f32(cur[idx]);
+            fw[idx] = pad ? 1.f : decay_of(to_f32(cur[V + idx]));
+            fk[idx] = to_f32(cur[2 * V + idx]);
+            fa[idx] = to_f32(cur[3 * V + idx]);
+            fb[idx] = to_f32(cur[4 * V + idx]);
+        }
+        __syncthreads();
+        const T* cdy = cur + 5 * V;
+
+        for (int s = CHUNK - 1; s >= 0; s--) {
+            const int t = t0 + s;
+            float dyv[R];
+#pragma unroll
+            for (int rr = 0; rr < R; rr++) dyv[rr] = to_f32(cdy[s * N + l0 + rr * L::G + g]);
+            const float4* R4 = reinterpret_cast<const float4*>(fr + s * N) + q;
+            const float4* K4 = reinterpret_cast<const float4*>(fk + s * N) + q;
+            const float4* B4 = reinterpret_cast<const float4*>(fb + s * N) + q;
+            float acc_v[R][4], acc_b[R][4];
+#pragma unroll
+            for (int rr = 0; rr < R; rr++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) acc_v[rr][c] = acc_b[rr][c] = 0.f;
+#pragma unroll
+            for (int e4 = 0; e4 < V4; e4++) {
+                const float4 rv = R4[e4 * P], kv = K4[e4 * P], bv = B4[e4 * P];
+                const float ra[4] = {rv.x, rv.y, rv.z, rv.w}, ka[4] = {kv.x, kv.y, kv.z, kv.w};
+                const float ba[4] = {bv.x, bv.y, bv.z, bv.w};
+#pragma unroll
+                for (int rr = 0; rr < R; rr++)
+#pragma unroll
+                    for (int c = 0; c < 4; c++) {
+                        float& x = G[rr][4 * e4 + c];
+                        x = fmaf(dyv[rr], ra[c], x);
+                        acc_v[rr][c] = fmaf(x, ka[c], acc_v[rr][c]);
+                        acc_b[rr][c] = fmaf(x, ba[c], acc_b[rr][c]);
+                    }
+            }
+            float gbv[R];
+#pragma unroll
+            for (int rr = 0; rr < R; rr++) {
+                const float dvv = group_sum<P>((acc_v[rr][0] + acc_v[rr][1]) + (acc_v[rr][2] + acc_v[rr][3]));
+                gbv[rr] = group_sum<P>((acc_b[rr][0] + acc_b[rr][1]) + (acc_b[rr][2] + acc_b[rr][3]));
+                if (q == rr % P && t < T_) {
+                    const int64_t o = at_bthn(b, t, h, l0 + rr * L::G + g, T_, H, N);
+                    dv[o] = from_f32<T>(dvv);
+                    gb_out[o] = gbv[rr];
+                }
+            }
+            const float4* W4 = reinterpret_cast<const float4*>(fw + s * N) + q;
+            const float4* A4 = reinterpret_cast<const float4*>(fa + s * N) + q;
+#pragma unroll
+            for (int e4 = 0; e4 < V4; e4++) {
+                const float4 wv = W4[e4 * P], av = A4[e4 * P];
+                const float wa[4] = {wv.x, wv.y, wv.z, wv.w}, aa[4] = {av.x, av.y, av.z, av.w};
+#pragma unroll
+                for (int rr = 0; rr < R; rr++)
+#pragma unroll
+                    for (int c = 0; c < 4; c++) {
+                        float& x = G[rr][4 * e4 + c];
+                        x = fmaf(x, wa[c], gbv[rr] * aa[c]);
+                    }
+            }
+        }
+    }
+
+#pragma unroll
+    for (int rr = 0; rr < R; rr++) {
+        float* dst = dstate_in + (static_cast<int64_t>(bh) * N + l0 + rr * L::G + g) * N;
+#pragma unroll
+        for (int e4 = 0; e4 < V4; e4++)
+            *reinterpret_cast<float4*>(dst + L::elem(e4, 0, q)) =
+                make_float4(G[rr][4 * e4], G[rr][4 * e4 + 1], G[rr][4 * e4 + 2], G[rr][4 * e4 + 3]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Backward pass 2, over columns j of S and G, backward in time. Lines are keys j, elements are values i.
+// Per step (S = S_t, Gc = dL/dS_t before this step's y term):
+//   Gc += dy r_j;  dr_j = S.dy;  dk_j = Gc.v;  db_j = Gc.sa;  S <- (S - sa b_j - v k_j) / decay_j  (= S_{t-1});
+//   dw_j = S.Gc (times d decay/d w);  da_j = S.gb;  Gc <- Gc decay_j + gb a_j.
+
+template <typename T, int N, int P, int R, int LB>
+__global__ void __launch_bounds__(Layout<N, P, R, LB>::NT)
+bwd_cols_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __restrict__ k, const T* __restrict__ v,
+                const T* __restrict__ a, const T* __restrict__ bb, const T* __restrict__ dy,
+                const float* __restrict__ sa_in, const float* __restrict__ gb_in, const float* __restrict__ ckpt,
+                const float* __restrict__ dstate_out, T* __restrict__ dr, T* __restrict__ dw, T* __restrict__ dk,
+                T* __restrict__ da, T* __restrict__ db, int B, int T_, int H) {
+    using L = Layout<N, P, R, LB>;
+    constexpr int E = L::E, V4 = L::V4, NT = L::NT;
+    const int bh = blockIdx.x, b = bh / H, h = bh % H;
+    const int l0 = blockIdx.y * LB;
+    const int tid = threadIdx.x, g = tid / P, q = tid % P;
+    const int nC = (T_ + CHUNK - 1) / CHUNK;
+
+    // raw[2] = {T[7][CHUNK][N] (r, w, k, a, b, v, dy), float[2][CHUNK][N] (sa, gb)}, then f32[2][CHUNK][N] (dy, v)
+    constexpr int V = CHUNK * N;
+    constexpr int RAW_BYTES = 7 * V * sizeof(T) + 2 * V * sizeof(float);
+    extern __shared__ __align__(16) unsigned char smem[];
+    float* fdy = reinterpret_cast<float*>(smem + 2 * RAW_BYTES);
+    float* fv = fdy + V;
+
+    int line[R];
+#pragma unroll
+    for (int rr = 0; rr < R; rr++) line[rr] = l0 + rr * L::G + g;
+
+    float S[R][E], Gc[R][E];
+#pragma unroll
+    for (int rr = 0; rr < R; rr++)
+#pragma unroll
+        for (int e4 = 0; e4 < V4; e4++)
+#pragma unroll
+            for (int c = 0; c < 4; c++)
+                Gc[rr][4 * e4 + c] =
+                    dstate_out ? dstate_out[(static_cast<int64_t>(bh) * N + L::elem(e4, c, q)) * N + line[rr]] : 0.f;
+
+    auto issue = [&](int ci, int buf) {
+        T* dst = reinterpret_cast<T*>(smem + buf * RAW_BYTES);
+        float* dstf = reinterpret_cast<float*>(dst + 7 * V);
+        const int t0 = ci * CHUNK;
+        stage<T, N, NT>(dst + 0 * V, r, b, t0, T_, H, h, tid);
+        stage<T, N, NT>(dst + 1 * V, w, b, t0, T_, H, h, tid);
+        stage<T, N, NT>(dst + 2 * V, k, b, t0, T_, H, h, tid);
+        stage<T, N, NT>(dst + 3 * V, a, b, t0, T_, H, h, tid);
+        stage<T, N, NT>(dst + 4 * V, bb, b, t0, T_, H, h, tid);
+        stage<T, N, NT>(dst + 5 * V, v, b, t0, T_, H, h, tid);
+        stage<T, N, NT>(dst + 6 * V, dy, b, t0, T_, H, h, tid);
+        stage<float, N, NT>(dstf, sa_in, b, t0, T_, H, h, tid);
+        stage<float, N, NT>(dstf + V, gb_in, b, t0, T_, H, h, tid);
+        copy_commit();
+    };
+    if (nC > 0) issue(nC - 1, 0);
+
+    for (int it = 0; it < nC; it++) {
+        const int ci = nC - 1 - it, t0 = ci * CHUNK, buf = it & 1;
+        // the exact state after this chunk (loaded before the barrier so its latency overlaps the staging)
+        const float* ck = ckpt + (static_cast<int64_t>(bh) * nC + ci) * N * N;
+#pragma unroll
+        for (int rr = 0; rr < R; rr++)
+#pragma unroll
+            for (int e4 = 0; e4 < V4; e4++) {
+                const float4 u = *reinterpret_cast<const float4*>(ck + line[rr] * N + L::elem(e4, 0, q));
+                S[rr][4 * e4] = u.x; S[rr][4 * e4 + 1] = u.y; S[rr][4 * e4 + 2] = u.z; S[rr][4 * e4 + 3] = u.w;
+            }
+        if (ci > 0) {
+            const float* nk = ck - N * N;
+#pragma unroll
+            for (int rr = 0; rr < R; rr++)
+#pragma unroll
+                for (int e4 = 0; e4 < V4; e4 += 8) prefetch_l2(nk + line[rr] * N + L::elem(e4, 0, q));
+        }
+        copy_wait_all();
+        __syncthreads();
+        if (ci > 0) issue(ci - 1, buf ^ 1);
+        const T* cur = reinterpret_cast<const T*>(smem + buf * RAW_BYTES);
+        const float* csa = reinterpret_cast<const float*>(cur + 7 * V);
+        const float* cgb = csa + V;
+        for (int idx = tid; idx < V; idx += NT) {
+            fv[idx] = to_f32(cur[5 * V + idx]);
+            fdy[idx] = to_f32(cur[6 * V + idx]);
+        }
+        __syncthreads();
+
+        for (int s = CHUNK - 1; s >= 0; s--) {
+            const int t = t0 + s;
+            const bool pad = t >= T_;
+            float rj[R], kj[R], aj[R], bj[R], dec[R], inv[R], ddec[R];
+#pragma unroll
+            for (int rr = 0; rr < R; rr++) {
+                const int o = s * N + line[rr];
+                rj[rr] = to_f32(cur[o]);
+                kj[rr] = to_f32(cur[2 * V + o]);
+                aj[rr] = to_f32(cur[3 * V + o]);
+                bj[rr] = to_f32(cur[4 * V + o]);
+                const float sg = sigmoid_f(to_f32(cur[V + o]));
+                dec[rr] = pad ? 1.f : expf(-DECAY_SCALE * sg);
+                inv[rr] = pad ? 1.f : expf(DECAY_SCALE * sg);
+                ddec[rr] = pad ? 0.f : -DECAY_SCALE * dec[rr] * sg * (1.f - sg);  // d decay / d w
+            }
+            const float4* DY4 = reinterpret_cast<const float4*>(fdy + s * N) + q;
+            const float4* V4p = reinterpret_cast<const float4*>(fv + s * N) + q;
+            const float4* SA4 = reinterpret_cast<const float4*>(csa + s * N) + q;
+            const float4* GB4 = reinterpret_cast<const float4*>(cgb + s * N) + q;
+            float acc[R][5][2];  // dr, dk, db, dw, da; two chains each
+#pragma unroll
+            for (int rr = 0; rr < R; rr++)
+#pragma unroll
+                for (int u = 0; u < 10; u++) acc[rr][u / 2][u % 2] = 0.f;
+#pragma unroll
+            for (int e4 = 0; e4 < V4; e4++) {
+                const float4 dyv = DY4[e4 * P], vv = V4p[e4 * P], sav = SA4[e4 * P], gbv = GB4[e4 * P];
+                const float dya[4] = {dyv.x, dyv.y, dyv.z, dyv.w}, va[4] = {vv.x, vv.y, vv.z, vv.w};
+                const float saa[4] = {sav.x, sav.y, sav.z, sav.w}, gba[4] = {gbv.x, gbv.y, gbv.z, gbv.w};
+#pragma unroll
+                for (int rr = 0; rr < R; rr++)
+#pragma unroll
+                    for (int c = 0; c < 4; c++) {
+                        const int ch = c & 1;
+                        float& x = S[rr][4 * e4 + c];
+                        float& gc = Gc[rr][4 * e4 + c];
+                        gc = fmaf(dya[c], rj[rr], gc);
+                        acc[rr][0][ch] = fmaf(x, dya[c], acc[rr][0][ch]);
+                        acc[rr][1][ch] = fmaf(gc, va[c], acc[rr][1][ch]);
+                        acc[rr][2][ch] = fmaf(gc, saa[c], acc[rr][2][ch]);
+                        x = fmaf(-va[c], kj[rr], fmaf(-saa[c], bj[rr], x)) * inv[rr];
+                        acc[rr][3][ch] = fmaf(x, gc, acc[rr][3][ch]);
+                        acc[rr][4][ch] = fmaf(x, gba[c], acc[rr][4][ch]);
+                        gc = fmaf(gc, dec[rr], gba[c] * aj[rr]);
+                    }
+            }
+#pragma unroll
+            for (int rr = 0; rr < R; rr++) {
+                float out[5];
+#pragma unroll
+                for (int u = 0; u < 5; u++) out[u] = group_sum<P>(acc[rr][u][0] + acc[rr][u][1]);
+                if (q == rr % P && !pad) {
+                    const int64_t o = at_bthn(b, t, h, line[rr], T_, H, N);
+                    dr[o] = from_f32<T>(out[0]);
+                    dk[o] = from_f32<T>(out[1]);
+                    db[o] = from_f32<T>(out[2]);
+                    dw[o] = from_f32<T>(out[3] * ddec[rr]);
+                    da[o] = from_f32<T>(out[4]);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// One token for each of B sequences, the state rows of a persistent table [S, H, N, N] picked by slots[B]. One
+// block per (sequence, head); a row of S is spread over N/4 lanes (a float4 each) so every state access is a
+// coalesced 16-byte load or store, and each thread keeps several rows in flight. An out-of-range slot writes NaN
+// to y and leaves the table untouched.
+
+template <int N>
+struct DecodeLayout {
+    static constexpr int LPR = N / 4;                         // lanes per row
+    static constexpr int NT = (N * LPR < 256) ? N * LPR : 256;
+    static constexpr int RPP = NT / LPR;                      // rows per pass of the block
+    static constexpr int RPT = N / RPP;                       // rows per thread
+    static_assert(LPR <= 32 && (32 % LPR) == 0, "a row must sit inside one warp");
+};
+
+template <typename T> struct Vec4;
+template <> struct Vec4<float> {
+    __device__ static __forceinline__ float4 load(const float* p) { return *reinterpret_cast<const float4*>(p); }
+};
+template <> struct Vec4<__nv_bfloat16> {
+    __device__ static __forceinline__ float4 load(const __nv_bfloat16* p) {
+        const uint2 u = *reinterpret_cast<const uint2*>(p);
+        const __nv_bfloat162 lo = *reinterpret_cast<const __nv_bfloat162*>(&u.x);
+        const __nv_bfloat162 hi = *reinterpret_cast<const __nv_bfloat162*>(&u.y);
+        const float2 a = __bfloat1622float2(lo), b = __bfloat1622float2(hi);
+        return make_float4(a.x, a.y, b.x, b.y);
+    }
+};
+
+template <typename T, int N>
+__global__ void __launch_bounds__(DecodeLayout<N>::NT)
+decode_kernel(float* __restrict__ table, const int64_t* __restrict__ slots, const T* __restrict__ r,
+              const T* __restrict__ w, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ a,
+              const T* __restrict__ bb, T* __restrict__ y, int H, int64_t n_slots) {
+    using L = DecodeLayout<N>;
+    const int bh = blockIdx.x, bi = bh / H, h = bh % H;
+    const int tid = threadIdx.x, q = tid % L::LPR, g = tid / L::LPR;
+    const int64_t in = static_cast<int64_t>(bh) * N;
+    const int64_t slot = slots[bi];
+    if (slot < 0 || slot >= n_slots) {
+        if (tid < N) y[in + tid] = from_f32<T>(__int_as_float(0x7fc00000));
+        return;
+    }
+    float* S0 = table + (slot * H + h) * N * N;
+
+    float4 St[L::RPT];
+#pragma unroll
+    for (int rr = 0; rr < L::RPT; rr++)
+        St[rr] = *reinterpret_cast<const float4*>(S0 + (g + rr * L::RPP) * N + 4 * q);
+    const float4 rv = Vec4<T>::load(r + in + 4 * q), wr = Vec4<T>::load(w + in + 4 * q);
+    const float4 kv = Vec4<T>::load(k + in + 4 * q), av = Vec4<T>::load(a + in + 4 * q);
+    const float4 bv = Vec4<T>::load(bb + in + 4 * q);
+    const float4 dv = make_float4(decay_of(wr.x), decay_of(wr.y), decay_of(wr.z), decay_of(wr.w));
+
+#pragma unroll
+    for (int rr = 0; rr < L::RPT; rr++) {
+        const int i = g + rr * L::RPP;
+        float4 s = St[rr];
+        const float sa = group_sum<L::LPR>((s.x * av.x + s.y * av.y) + (s.z * av.z + s.w * av.w));
+        const float vi = to_f32(v[in + i]);
+        s.x = fmaf(s.x, dv.x, fmaf(sa, bv.x, vi * kv.x));
+        s.y = fmaf(s.y, dv.y, fmaf(sa, bv.y, vi * kv.y));
+        s.z = fmaf(s.z, dv.z, fmaf(sa, bv.z, vi * kv.z));
+        s.w = fmaf(s.w, dv.w, fmaf(sa, bv.w, vi * kv.w));
+        *reinterpret_cast<float4*>(S0 + i * N + 4 * q) = s;
+        const float yy = group_sum<L::LPR>((s.x * rv.x + s.y * rv.y) + (s.z * rv.z + s.w * rv.w));
+        if (q == 0) y[in + i] = from_f32<T>(yy);
+    }
+}
+
+}  // namespace wkv7
