@@ -183,7 +183,8 @@ def _fmt(shape: tuple[int, ...]) -> str:
 
 
 def _conform(sd: dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> dict[str, torch.Tensor]:
-    """`sd` checked against `cfg`: every tensor present, floating point, of the right shape (squeezed forms reshaped)."""
+    """`sd` checked against `cfg`: every tensor present, floating point, of the right shape (squeezed or flattened
+    forms, as some converters write them, are reshaped)."""
     want = expected_shapes(cfg)
     for key in sd:
         if key not in want:
@@ -196,8 +197,9 @@ def _conform(sd: dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> dict[
         if not t.is_floating_point():
             raise UserError(f"{where}: tensor `{key}` has dtype {t.dtype}; expected a floating-point type")
         if tuple(t.shape) != shape:
-            squeezed = [d for d in shape if d != 1]
-            if [d for d in t.shape if d != 1] != squeezed:
+            squeezed = [d for d in t.shape if d != 1] == [d for d in shape if d != 1]
+            flattened = t.dim() == 1 and t.numel() == _numel(shape)  # e.g. r_k [H * N] for [H, N]
+            if not (squeezed or flattened):
                 raise UserError(f"{where}: tensor `{key}` has shape {_fmt(tuple(t.shape))} but the model config "
                                 f"needs {_fmt(shape)}")
             t = t.reshape(shape)
@@ -228,9 +230,11 @@ def load_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], ModelConfi
     """Tensors (as stored, RWKV-LM keys) and the ModelConfig of a `.safetensors` or RWKV-LM `.pth` RWKV-7 file."""
     tensors, metadata, _ = _read(path)
     _check_type(detect_model_type(tensors), str(path))
-    base = _metadata_config(metadata, str(path))
+    saved = _metadata_config(metadata, str(path))
+    if saved is not None:  # our own files: the config they were saved with, which the tensors must fit
+        return _conform(tensors, saved, f"{path} (against the model config in its metadata)"), saved
     shapes = {k: _shape(v) for k, v in tensors.items()}
-    cfg = _config(_x070_fields(shapes, str(path), base.head_dim if base else None), base, str(path))
+    cfg = _config(_x070_fields(shapes, str(path)), None, str(path))
     return _conform(tensors, cfg, str(path)), cfg
 
 
@@ -293,7 +297,7 @@ def inspect_checkpoint(path: PathLike) -> dict[str, Any]:
     detected = None
     if model_type == "x070":
         base = _metadata_config(metadata, where)
-        detected = _config(_x070_fields(shapes, where, base.head_dim if base else None), base, where)
+        detected = base or _config(_x070_fields(shapes, where), None, where)
         info.update(n_head=detected.num_heads, head_size=detected.head_dim,
                     lora_rank_decay=detected.lora_ranks[0], lora_rank_iclr=detected.lora_ranks[1],
                     lora_rank_value_residual=detected.lora_ranks[2], lora_rank_gate=detected.lora_ranks[3])
