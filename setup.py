@@ -76,8 +76,8 @@ def _extension_kwargs() -> dict:
         sources=sources,
         include_dirs=[str(CSRC)],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "-Xptxas=-warn-spills", "-lineinfo"],
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "-Xptxas=-warn-spills", "-lineinfo"],
         },
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}

@@ -1,0 +1,156 @@
+"""The hand-written CUDA WKV-7 kernels (csrc/, built by setup.py into `rwkv_app._wkv7_cuda`).
+
+Importing this module never fails: without the compiled extension or a GPU, `available()` is False.
+
+Conventions are `reference.wkv7_sequential`'s: r, w, k, v, a, b [B, T, H, N] with `w` the raw decay pre-activation
+(decay = exp(-exp(-0.5) * sigmoid(w)) is computed inside), `a` = -kk, `b` = kk * a_gate; states [B, H, N(value i),
+N(key j)] in fp32. bf16 inputs run the bf16 kernels (fp32 state and arithmetic inside), fp32 inputs the fp32 ones,
+fp16 inputs are computed in fp32; outputs come back in the input dtype. Head sizes 32, 64 and 128 are compiled.
+
+The operators are registered as torch.ops.rwkv_app.wkv7_{fwd,bwd,prefill,decode}; their `config` arguments (-1 =
+chosen for the shape) exist for benchmarks that compare launch configurations.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+try:
+    from rwkv_app import _wkv7_cuda  # noqa: F401  (loading it registers torch.ops.rwkv_app.*)
+    IMPORT_ERROR: Optional[str] = None
+except ImportError as exc:  # not built (CPU install) or built for another torch
+    IMPORT_ERROR = str(exc) or type(exc).__name__
+
+SUPPORTED_HEAD_SIZES = (32, 64, 128)
+
+
+def available() -> bool:
+    """True when the compiled extension is loaded and a CUDA device is usable."""
+    return IMPORT_ERROR is None and torch.cuda.is_available()
+
+
+def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels run on for inputs of `dtype`: bf16 stays bf16, everything else runs in fp32."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def _check(r: torch.Tensor, others: tuple[torch.Tensor, ...], dims: int) -> None:
+    if r.dim() != dims:
+        raise ValueError(f"wkv7 (cuda): inputs must have {dims} dimensions, got shape {tuple(r.shape)}")
+    for x in others:
+        if x.shape != r.shape:
+            raise ValueError(f"wkv7 (cuda): all inputs must have shape {tuple(r.shape)}, got {tuple(x.shape)}")
+    if not r.is_cuda:
+        raise ValueError(f"wkv7 (cuda): inputs must be CUDA tensors, got {r.device}")
+    if r.shape[-1] not in SUPPORTED_HEAD_SIZES:
+        raise ValueError(f"wkv7 (cuda): head size {r.shape[-1]} is not compiled (supported: {SUPPORTED_HEAD_SIZES})")
+
+
+def _prepare(xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    dtype = _kernel_dtype(xs[0].dtype)
+    return tuple(x.to(dtype).contiguous() for x in xs)
+
+
+class _WKV7Function(torch.autograd.Function):
+    """Kernel forward and backward over contiguous inputs of one kernel dtype and an fp32 initial state."""
+
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, state):
+        y, state_out, sa, ckpt = torch.ops.rwkv_app.wkv7_fwd(r, w, k, v, a, b, state, -1)
+        ctx.save_for_backward(r, w, k, v, a, b, sa, ckpt)
+        return y, state_out
+
+    @staticmethod
+    def backward(ctx, dy, dstate):
+        r, w, k, v, a, b, sa, ckpt = ctx.saved_tensors
+        dy = torch.zeros_like(r) if dy is None else dy.to(r.dtype).contiguous()
+        dstate = None if dstate is None else dstate.float().contiguous()
+        dr, dw, dk, dv, da, db, dstate_in = torch.ops.rwkv_app.wkv7_bwd(r, w, k, v, a, b, sa, ckpt, dy, dstate,
+                                                                         -1, -1)
+        return dr, dw, dk, dv, da, db, dstate_in
+
+
+def wkv7_train(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+               state: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable WKV-7 over [B, T, H, N] inputs (any T): returns y (input dtype) and the final state (fp32).
+
+    Gradients reach all six inputs and `state` (None = zeros). Memory saved for the backward: the inputs, S a
+    (fp32, one value per input element) and the state every 16 steps.
+    """
+    _check(r, (w, k, v, a, b), 4)
+    B, T, H, N = r.shape
+    if state is None:
+        state = torch.zeros(B, H, N, N, device=r.device, dtype=torch.float32)
+    elif state.shape != (B, H, N, N):
+        raise ValueError(f"wkv7 (cuda): state must have shape {(B, H, N, N)}, got {tuple(state.shape)}")
+    xs = _prepare((r, w, k, v, a, b))
+    y, state_out = _WKV7Function.apply(*xs, state.float().contiguous())
+    return y.to(r.dtype), state_out
+
+
+@torch.no_grad()
+def wkv7_prefill(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                 state: torch.Tensor) -> torch.Tensor:
+    """Run T >= 1 tokens from `state` [B, H, N, N] (fp32, updated in place); returns y. Saves no activations."""
+    _check(r, (w, k, v, a, b), 4)
+    B, T, H, N = r.shape
+    if state.shape != (B, H, N, N) or state.dtype != torch.float32:
+        raise ValueError(f"wkv7 (cuda): prefill state must be float32 {(B, H, N, N)}, got {state.dtype} "
+                         f"{tuple(state.shape)}")
+    work = state if state.is_contiguous() else state.contiguous()
+    y = torch.ops.rwkv_app.wkv7_prefill(*_prepare((r, w, k, v, a, b)), work, -1)
+    if work is not state:
+        state.copy_(work)
+    return y.to(r.dtype)
+
+
+@torch.no_grad()
+def wkv7_decode(state_table: torch.Tensor, slots: torch.Tensor, r: torch.Tensor, w: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """One token for each of B sequences: r.. [B, H, N]; updates rows `slots` [B] of `state_table` [S, H, N, N].
+
+    Slots must be distinct within one call. An out-of-range slot gives NaN outputs and leaves the table untouched.
+    """
+    _check(r, (w, k, v, a, b), 3)
+    B, H, N = r.shape
+    if state_table.dim() != 4 or state_table.shape[1:] != (H, N, N) or state_table.dtype != torch.float32:
+        raise ValueError(f"wkv7 (cuda): state table must be float32 [S, {H}, {N}, {N}], got {state_table.dtype} "
+                         f"{tuple(state_table.shape)}")
+    if not state_table.is_contiguous():
+        raise ValueError("wkv7 (cuda): state table must be contiguous (it is updated in place)")
+    if slots.shape != (B,):
+        raise ValueError(f"wkv7 (cuda): slots must have shape {(B,)}, got {tuple(slots.shape)}")
+    slots = slots.to(device=r.device, dtype=torch.int64).contiguous()
+    y = torch.ops.rwkv_app.wkv7_decode(state_table, slots, *_prepare((r, w, k, v, a, b)))
+    return y.to(r.dtype)
+
+
+def _register_fakes() -> None:
+    """Shape functions so torch.compile can trace through the operators without running them."""
+
+    @torch.library.register_fake("rwkv_app::wkv7_fwd")
+    def _(r, w, k, v, a, b, state, config=-1):
+        B, T, H, N = r.shape
+        f32 = dict(dtype=torch.float32, device=r.device)
+        return (torch.empty_like(r), r.new_empty((B, H, N, N), **f32), r.new_empty((B, T, H, N), **f32),
+                r.new_empty((B, H, (T + 15) // 16, N, N), **f32))
+
+    @torch.library.register_fake("rwkv_app::wkv7_bwd")
+    def _(r, w, k, v, a, b, sa, ckpt, dy, dstate, config_rows=-1, config_cols=-1):
+        B, T, H, N = r.shape
+        grads = tuple(torch.empty_like(r) for _ in range(6))
+        return grads + (r.new_empty((B, H, N, N), dtype=torch.float32),)
+
+    @torch.library.register_fake("rwkv_app::wkv7_prefill")
+    def _(r, w, k, v, a, b, state, config=-1):
+        return torch.empty_like(r)
+
+    @torch.library.register_fake("rwkv_app::wkv7_decode")
+    def _(state_table, slots, r, w, k, v, a, b):
+        return torch.empty_like(r)
+
+
+if IMPORT_ERROR is None:
+    _register_fakes()

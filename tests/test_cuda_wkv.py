@@ -1,0 +1,212 @@
+"""The CUDA WKV-7 kernels against the float64 reference (skipped without a GPU and the built extension).
+
+Every check draws fresh random inputs (never zeros), poisons nothing it does not overwrite, and compares by
+||out - ref|| / ||ref||: bf16 outputs carry their own rounding (~1.7e-3), fp32 ones only fp32 arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rwkv_app.ops import cuda as wkv_cuda
+from rwkv_app.ops.reference import wkv7_sequential
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not wkv_cuda.available(), reason=f"CUDA WKV-7 kernels unavailable: "
+                       f"{wkv_cuda.IMPORT_ERROR or 'no CUDA device'}"),
+]
+
+DEV = "cuda"
+TOL = {torch.bfloat16: 3e-3, torch.float32: 2e-4}
+NAMES = ("r", "w", "k", "v", "a", "b")
+
+
+def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double().cpu(), ref.double().cpu()
+    assert not torch.isnan(x).any(), "NaN in the kernel output"
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(B: int, T: int, H: int, N: int, dtype: torch.dtype, gen: torch.Generator,
+                decay_shift: float = 0.0) -> list[torch.Tensor]:
+    """RWKV-7-shaped random inputs: a = -kk, b = kk * gate with kk unit-norm per head; raw w ~ N(shift, 1.5)."""
+    def rnd(scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+        return torch.randn(B, T, H, N, generator=gen) * scale + shift
+
+    kk = torch.nn.functional.normalize(rnd(), dim=-1)
+    gate = torch.sigmoid(rnd())
+    xs = [rnd(0.5), rnd(1.5, decay_shift), rnd(0.5), rnd(), -kk, kk * gate]
+    return [x.to(dtype).to(DEV) for x in xs]
+
+
+def reference(xs, state, dy, dstate):
+    """y, final state and the gradients of <y, dy> + <state_T, dstate> in float64 from the kernel's exact inputs."""
+    leaves = [x.detach().double().requires_grad_() for x in xs] + [state.detach().double().requires_grad_()]
+    y, s = wkv7_sequential(*leaves)
+    loss = (y * dy.double()).sum() + (0 if dstate is None else (s * dstate.double()).sum())
+    loss.backward()
+    return y.detach(), s.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("B,T,H,N,dtype", [
+    (2, 1, 3, 64, torch.float32),      # T = 1
+    (1, 37, 2, 64, torch.float32),     # T not a multiple of 16
+    (3, 100, 2, 64, torch.bfloat16),
+    (2, 48, 4, 64, torch.bfloat16),
+    (1, 70, 3, 32, torch.float32),
+    (2, 33, 2, 128, torch.bfloat16),
+])
+def test_train_matches_float64_reference(B, T, H, N, dtype):
+    gen = torch.Generator().manual_seed(1000 * T + N)
+    xs = [x.requires_grad_() for x in make_inputs(B, T, H, N, dtype, gen)]
+    state = (torch.randn(B, H, N, N, generator=gen) * 0.3).to(DEV).requires_grad_()
+    dy = torch.randn(B, T, H, N, generator=gen).to(dtype).to(DEV)
+    dstate = torch.randn(B, H, N, N, generator=gen).to(DEV)
+
+    y, s = wkv_cuda.wkv7_train(*xs, state)
+    assert y.dtype == dtype and s.dtype == torch.float32
+    ((y.float() * dy.float()).sum() + (s * dstate).sum()).backward()
+    y_ref, s_ref, grads_ref = reference(xs, state, dy, dstate)
+
+    tol = TOL[dtype]
+    assert rel(y, y_ref) < tol
+    assert rel(s, s_ref) < tol
+    for name, x, g in zip(NAMES + ("state",), xs + [state], grads_ref):
+        assert x.grad is not None and x.grad.dtype == x.dtype, name
+        assert rel(x.grad, g) < tol, f"d{name}: {rel(x.grad, g):.2e}"
+
+
+def test_gradients_without_state_grad_and_strongest_decay():
+    """Loss from y alone (no state gradient flows in) and every decay near its floor 0.545: the backward inverts
+    the update with 1/decay up to 16 times between checkpoints, its worst case for rounding growth."""
+    gen = torch.Generator().manual_seed(7)
+    B, T, H, N = 2, 64, 2, 64
+    xs = [x.requires_grad_() for x in make_inputs(B, T, H, N, torch.float32, gen, decay_shift=6.0)]
+    dy = torch.randn(B, T, H, N, generator=gen).to(DEV)
+    y, _ = wkv_cuda.wkv7_train(*xs)
+    (y * dy).sum().backward()
+    state0 = torch.zeros(B, H, N, N, device=DEV)
+    y_ref, _, grads_ref = reference(xs, state0, dy, None)
+    assert rel(y, y_ref) < 2e-4
+    for name, x, g in zip(NAMES, xs, grads_ref):
+        assert rel(x.grad, g) < 3e-3, f"d{name}: {rel(x.grad, g):.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_launch_config_agrees(dtype):
+    """Each compiled (lanes per line, lines per thread, lines per block) variant of each pass, forced by id."""
+    gen = torch.Generator().manual_seed(11)
+    B, T, H, N = 2, 45, 3, 64
+    xs = make_inputs(B, T, H, N, dtype, gen)
+    state = (torch.randn(B, H, N, N, generator=gen) * 0.3).to(DEV)
+    dy = torch.randn(B, T, H, N, generator=gen).to(dtype).to(DEV)
+    dstate = torch.randn(B, H, N, N, generator=gen).to(DEV)
+    y_ref, s_ref, g_ref = reference(xs, state, dy, dstate)
+    tol = TOL[dtype]
+    for cfg in range(torch.ops.rwkv_app.wkv7_num_configs(N)):
+        y, s, sa, ckpt = torch.ops.rwkv_app.wkv7_fwd(*xs, state, cfg)
+        assert rel(y, y_ref) < tol and rel(s, s_ref) < tol, f"forward config {cfg}"
+        for cfg_rows, cfg_cols in ((cfg, -1), (-1, cfg)):
+            grads = torch.ops.rwkv_app.wkv7_bwd(*xs, sa, ckpt, dy, dstate, cfg_rows, cfg_cols)
+            for name, g, ref in zip(NAMES + ("state",), grads, g_ref):  # dr, dw, dk, dv, da, db, dstate_in
+                assert rel(g, ref) < tol, f"config rows={cfg_rows} cols={cfg_cols}: d{name}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_matches_train_forward_in_pieces(dtype):
+    gen = torch.Generator().manual_seed(3)
+    B, T, H, N = 3, 53, 2, 64
+    xs = make_inputs(B, T, H, N, dtype, gen)
+    state0 = torch.randn(B, H, N, N, generator=gen).to(DEV) * 0.3
+    with torch.no_grad():
+        y_train, s_train = wkv_cuda.wkv7_train(*xs, state0.clone())
+    state = state0.clone()
+    cut = 20
+    y1 = wkv_cuda.wkv7_prefill(*[x[:, :cut] for x in xs], state)          # non-contiguous slices, in place
+    y2 = wkv_cuda.wkv7_prefill(*[x[:, cut:] for x in xs], state)
+    assert rel(torch.cat([y1, y2], 1), y_train) < 1e-6
+    assert rel(state, s_train) < 1e-6
+    # a non-contiguous state is updated too
+    wide = torch.zeros(B, H, N, 2 * N, device=DEV)
+    view = wide[..., :N]
+    view.copy_(state0)
+    wkv_cuda.wkv7_prefill(*xs, view)
+    assert rel(view, s_train) < 1e-6
+
+
+@pytest.mark.parametrize("dtype,N", [(torch.float32, 64), (torch.bfloat16, 64), (torch.float32, 32),
+                                     (torch.bfloat16, 128)])
+def test_decode_matches_train_forward(dtype, N):
+    gen = torch.Generator().manual_seed(5)
+    B, T, H, S = 4, 5, 3, 9
+    xs = make_inputs(B, T, H, N, dtype, gen)
+    state0 = torch.randn(B, H, N, N, generator=gen).to(DEV) * 0.3
+    with torch.no_grad():
+        y_train, s_train = wkv_cuda.wkv7_train(*xs, state0.clone())
+    table = torch.randn(S, H, N, N, generator=gen).to(DEV)
+    slots = torch.tensor([7, 2, 0, 5], device=DEV)
+    table[slots] = state0
+    untouched = table[[1, 3, 4, 6, 8]].clone()
+    ys = [wkv_cuda.wkv7_decode(table, slots, *[x[:, t] for x in xs]) for t in range(T)]
+    tol = 1e-5 if dtype == torch.float32 else 4e-3  # bf16 y: summation order differs, so the odd last bit
+    assert rel(torch.stack(ys, 1), y_train) < tol
+    assert rel(table[slots], s_train) < 1e-5
+    assert torch.equal(table[[1, 3, 4, 6, 8]], untouched)
+
+
+def test_decode_bad_slot_gives_nan_and_leaves_table():
+    gen = torch.Generator().manual_seed(9)
+    B, H, N, S = 2, 2, 64, 3
+    xs = [x[:, 0] for x in make_inputs(B, 1, H, N, torch.float32, gen)]
+    table = torch.randn(S, H, N, N, generator=gen).to(DEV)
+    before = table.clone()
+    y = wkv_cuda.wkv7_decode(table, torch.tensor([1, 3], device=DEV), *xs)
+    assert torch.isnan(y[1]).all() and not torch.isnan(y[0]).any()
+    assert torch.equal(table[[0, 2]], before[[0, 2]]) and not torch.equal(table[1], before[1])
+
+
+def test_state_passing_equals_one_long_sequence():
+    """Two chunks chained through the state give the same outputs and gradients as one call over both."""
+    gen = torch.Generator().manual_seed(13)
+    B, T, H, N = 2, 40, 2, 64
+    xs = make_inputs(B, T, H, N, torch.float32, gen)
+    dy = torch.randn(B, T, H, N, generator=gen).to(DEV)
+
+    whole = [x.clone().requires_grad_() for x in xs]
+    y, _ = wkv_cuda.wkv7_train(*whole)
+    (y * dy).sum().backward()
+
+    parts = [x.clone().requires_grad_() for x in xs]
+    cut = 23
+    y1, s1 = wkv_cuda.wkv7_train(*[x[:, :cut] for x in parts])
+    y2, _ = wkv_cuda.wkv7_train(*[x[:, cut:] for x in parts], s1)
+    (torch.cat([y1, y2], 1) * dy).sum().backward()
+
+    assert rel(torch.cat([y1, y2], 1), y) < 1e-6
+    for name, p, q in zip(NAMES, parts, whole):
+        assert rel(p.grad, q.grad) < 1e-5, name
+
+
+def test_fp16_inputs_run_in_fp32():
+    gen = torch.Generator().manual_seed(17)
+    xs = [x.half().requires_grad_() for x in make_inputs(1, 20, 2, 64, torch.float32, gen)]
+    y, s = wkv_cuda.wkv7_train(*xs)
+    assert y.dtype == torch.float16
+    y.float().sum().backward()
+    y_ref, s_ref, _ = reference(xs, torch.zeros(1, 2, 64, 64, device=DEV), torch.ones_like(y), None)
+    assert rel(y, y_ref) < 1e-3 and rel(s, s_ref) < 1e-5
+    assert all(x.grad is not None and x.grad.dtype == torch.float16 for x in xs)
+
+
+def test_bad_shapes_are_rejected():
+    x = torch.randn(1, 4, 2, 48, device=DEV)
+    with pytest.raises(ValueError, match="head size 48"):
+        wkv_cuda.wkv7_train(x, x, x, x, x, x)
+    y = torch.randn(1, 4, 2, 64, device=DEV)
+    with pytest.raises(ValueError, match="shape"):
+        wkv_cuda.wkv7_train(y, y, y, y, y, y[:, :3])
+
