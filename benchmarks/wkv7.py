@@ -6,6 +6,7 @@ JSON (--json). Needs a CUDA GPU and the built extension (RWKV_APP_BUILD_CUDA=1 p
 
     python benchmarks/wkv7.py --json out/wkv7.json            # the standard shapes, decode sweep
     python benchmarks/wkv7.py --sweep                          # also time every launch config of every pass
+    compute-sanitizer python benchmarks/wkv7.py --smoke        # every kernel and config once, on a small shape
 
 Columns: fwd / fwd+bwd in ms; Mtc/s = million token-channels (B*T*H*N) per second; %BW = the minimal traffic (each
 input read once, each output written once) over time, as a share of the measured device-to-device copy bandwidth;
@@ -208,6 +209,26 @@ def decode_sweep(bw: float, H: int = 64) -> list[dict]:
     return rows
 
 
+def smoke() -> None:
+    """Launch every kernel in every compiled config once on small shapes (for compute-sanitizer); no timing."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for head in (32, 64, 128):
+        for dtype in (torch.bfloat16, torch.float32):
+            B, T, H = 2, 37, 3
+            xs = [(torch.randn(B, T, H, head, generator=gen, device="cuda") * 0.5).to(dtype) for _ in range(6)]
+            state = torch.randn(B, H, head, head, generator=gen, device="cuda")
+            dy = torch.randn(B, T, H, head, generator=gen, device="cuda").to(dtype)
+            for cfg in range(torch.ops.rwkv_app.wkv7_num_configs(head)):
+                y, s, sa, ckpt = torch.ops.rwkv_app.wkv7_fwd(*xs, state, cfg)
+                torch.ops.rwkv_app.wkv7_bwd(*xs, sa, ckpt, dy, s, cfg, cfg)
+                torch.ops.rwkv_app.wkv7_bwd(*xs, sa, ckpt, dy, None, cfg, cfg)
+                torch.ops.rwkv_app.wkv7_prefill(*xs, state.clone(), cfg)
+            table = torch.randn(5, H, head, head, generator=gen, device="cuda")
+            torch.ops.rwkv_app.wkv7_decode(table, torch.tensor([4, -1], device="cuda"), *[x[:, 0].contiguous() for x in xs])
+    torch.cuda.synchronize()
+    print("smoke: every kernel and config ran")
+
+
 def fmt(x: Optional[float], spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -219,9 +240,12 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true", help="skip our PyTorch path")
     ap.add_argument("--no-fla", action="store_true", help="skip flash-linear-attention")
     ap.add_argument("--shapes", default="", help="B,T,H;B,T,H;... (default: the issue's six)")
+    ap.add_argument("--smoke", action="store_true", help="only launch every kernel once on small shapes")
     args = ap.parse_args()
     if not wkv_cuda.available():
         raise SystemExit(f"CUDA WKV-7 kernels unavailable: {wkv_cuda.IMPORT_ERROR or 'no CUDA device'}")
+    if args.smoke:
+        return smoke()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";") if s] or TRAIN_SHAPES
 
     fla_fn, fla_version = (None, None) if args.no_fla else load_fla()
