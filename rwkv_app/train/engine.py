@@ -39,7 +39,7 @@ class Placement:
     world_size: int = 1
     local_rank: int = 0
     autocast_dtype: Optional[torch.dtype] = None  # bf16 autocast, or None for full precision
-    owns_process_group: bool = False  # we initialised torch.distributed, so we tear it down
+    owns_process_group: bool = False  # we initialised torch.distributed and tear it down at the end
 
     @property
     def is_main(self) -> bool:
@@ -47,7 +47,8 @@ class Placement:
 
     @property
     def distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
+        """Several processes: gradients and metrics are all-reduced, checkpoints synchronised."""
+        return self.world_size > 1
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -108,12 +109,14 @@ def place(cfg) -> Placement:
     owns = False
     needs_group = world > 1 or cfg.strategy != "single"
     if needs_group and not dist.is_initialized():
-        if world == 1:  # DeepSpeed wants a process group even alone
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if world == 1:  # DeepSpeed wants a process group (and the launcher's variables) even alone
+            for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
+                               ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+                os.environ.setdefault(key, value)
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world, device_id=
                                 device if use_cuda else None)
-        owns = True
+        # DeepSpeed keeps module-level handles on the group, so a DeepSpeed group lives as long as the process.
+        owns = cfg.strategy == "single"
     return Placement(device=device, rank=rank, world_size=world, local_rank=local_rank, autocast_dtype=autocast,
                      owns_process_group=owns)
 

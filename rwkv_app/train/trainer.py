@@ -128,6 +128,14 @@ def check_same_architecture(found: ModelConfig, wanted: ModelConfig, where: str)
 # --------------------------------------------------------------------------------------------------------- helpers
 
 
+def check_ids(batch: np.ndarray, vocab: int) -> np.ndarray:
+    top = int(batch.max())
+    if top >= vocab:
+        raise UserError(f"the dataset holds token id {top} but the model's vocab_size is {vocab}: the data was "
+                        f"tokenized with a larger vocabulary than the model config's")
+    return batch
+
+
 def rng_state(placement: Placement) -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if placement.device.type == "cuda":
@@ -248,6 +256,7 @@ def _train(cfg: TrainConfig, placement: Placement, resume: bool, max_steps: Opti
                  "gradient_accumulation_steps": accum, "world_size": placement.world_size,
                  "mini_epoch_samples": cfg.mini_epoch_samples, "dataset_tokens": len(data)}
 
+    check_ids(sampler.read(data, 0), vocab)  # a vocabulary mismatch fails before anything is built or written
     seed_everything(cfg.random_seed)
     resume_from = None
     if resume:
@@ -261,10 +270,6 @@ def _train(cfg: TrainConfig, placement: Placement, resume: bool, max_steps: Opti
 
     step, tokens = 0, 0
     epoch_loss = [0.0, 0]  # sum, count of step losses in the current mini-epoch (logged to train_log.txt)
-    if placement.is_main:
-        run.create()
-        run.write_config(dump_toml(cfg))
-    placement.barrier()
     if resume_from:
         meta = engine.load(resume_from[1])
         changed = [k for k in RESUME_KEYS if meta["signature"].get(k) != signature[k]]
@@ -275,19 +280,24 @@ def _train(cfg: TrainConfig, placement: Placement, resume: bool, max_steps: Opti
         step, tokens, epoch_loss = meta["step"], meta["tokens"], list(meta["epoch_loss"])
         rngs = meta["rng"]
         set_rng_state(rngs[placement.rank] if len(rngs) == placement.world_size else rngs[0], placement)
-        if placement.is_main:
-            run.truncate_logs(step)
-            run.log_line(f"RESUME {time.strftime('%Y-%m-%d %H:%M:%S')} from step {step}")
     else:
         seed_everything(cfg.random_seed + placement.rank)  # dropout differs across ranks
-        if placement.is_main:
+
+    # Everything checked: from here on the run directory changes.
+    if placement.is_main:
+        run.create()
+        if resume_from:
+            run.truncate_logs(step)
+            run.log_line(f"RESUME {time.strftime('%Y-%m-%d %H:%M:%S')} from step {step}")
+        else:
             if run.states() or run.final_weights_path.is_file():
                 log.warning("starting over in %s: removing the finished previous run's checkpoints and logs", run.root)
             run.clear()
             run.log_line(f"NEW RUN {time.strftime('%Y-%m-%d %H:%M:%S')} {cfg.experiment_name}: "
                          f"{plan.total_steps} steps x {plan.tokens_per_step} tokens, dataset {len(data)} tokens, "
                          f"magic prime {sampler.prime}")
-
+        run.write_config(dump_toml(cfg))
+    placement.barrier()
     sd = engine.full_state_dict()
     if not resume_from and placement.is_main:
         save_checkpoint(run.init_weights_path, sd, cfg.arch, metadata={"step": "0", "tokens": "0"})
@@ -298,7 +308,9 @@ def _train(cfg: TrainConfig, placement: Placement, resume: bool, max_steps: Opti
     last_weights: Optional[Path] = None
     writers = _MetricWriters(cfg, run) if placement.is_main else None
 
-    def checkpoint(final: bool) -> None:
+    last_plot = [0.0]
+
+    def checkpoint(final: bool, last: bool = False) -> None:
         nonlocal last_weights
         meta = {"step": step, "tokens": tokens, "epoch_loss": list(epoch_loss), "signature": signature,
                 "rng": gather(rng_state(placement), placement), "sampler": {
@@ -321,7 +333,9 @@ def _train(cfg: TrainConfig, placement: Placement, resume: bool, max_steps: Opti
             (tmp / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
             run.commit_state(step, tmp)
             run.prune_states(cfg.keep_last_checkpoints)
-            run.plot_loss()
+            if last or time.monotonic() - last_plot[0] > 60:  # redrawing costs; once a minute is plenty
+                run.plot_loss()
+                last_plot[0] = time.monotonic()
         placement.barrier()
 
     bar = None
@@ -339,11 +353,7 @@ def _train(cfg: TrainConfig, placement: Placement, resume: bool, max_steps: Opti
             lr = plan.lr(cfg, step)
             step_loss = torch.zeros((), device=placement.device)
             for a in range(accum):
-                batch = sampler.read(data, step * accum + a)  # [B, T + 1]
-                top = int(batch.max())
-                if top >= vocab:
-                    raise UserError(f"the dataset holds token id {top} but the model's vocab_size is {vocab}: the "
-                                    f"data was tokenized with a larger vocabulary than the model config's")
+                batch = check_ids(sampler.read(data, step * accum + a), vocab)  # [B, T + 1]
                 tokens_t = torch.from_numpy(batch).to(placement.device, non_blocking=True)
                 step_loss += engine.micro_step(tokens_t[:, :-1], tokens_t[:, 1:], last=a == accum - 1)
             grad_norm = engine.optimizer_step(lr)
@@ -395,7 +405,7 @@ def _train(cfg: TrainConfig, placement: Placement, resume: bool, max_steps: Opti
         finished = step >= plan.total_steps
         interrupted = not finished
         if step > first_step or not run.final_weights_path.is_file():
-            checkpoint(final=finished)
+            checkpoint(final=finished, last=True)
     if writers is not None:
         writers.close()
     if placement.is_main:
