@@ -110,13 +110,14 @@ def test_penalties_follow_rwkv_rs_with_decay():
 
 
 def test_logit_bias_and_logprobs():
-    sampler = Sampler(1, V, V, torch.device("cpu"))
+    sampler = Sampler(1, V, 40, torch.device("cpu"))
     row = _logits(4)
+    row[0, 45] = 50.0  # not decodable: neither sampled nor listed
     p = SamplingParams(temperature=0.0, logit_bias=((7, 100.0),), logprobs=3)
     (s,) = sampler.sample(row, [0], [p], [p.generator()])
-    lp = torch.log_softmax(row[0], -1)
+    lp = torch.log_softmax(row[0, :40], -1)
     assert s.token == 7
-    assert math.isclose(s.logprob, lp[7].item(), rel_tol=1e-5)  # the model's own log-probability
+    assert math.isclose(s.logprob, lp[7].item(), rel_tol=1e-5)  # the model's own log-probability, without the bias
     top = lp.topk(3)
     assert [t for t, _ in s.top] == top.indices.tolist()
     assert all(math.isclose(a, b, rel_tol=1e-5) for (_, a), b in zip(s.top, top.values.tolist()))
@@ -167,6 +168,13 @@ def test_stop_strings_across_tokens_and_inside_a_token(tok):
     assert len(xaby) == 1
     pieces, stopped = _run(tok, tok.encode("q") + xaby + tok.encode("zz"), ["ab"])
     assert stopped and [p.text for p in pieces] == ["q", "x"]
+    # bytes the decoder still holds when a stop string ends the sequence are dropped, not flushed out
+    stream = TextStream(tok.incremental_decoder(), ["a\ufffd"])
+    assert [p.text for p in stream.push(Piece(tok.encode("a")[0], ""))[0]] == []  # might start the stop string
+    assert stream.push(Piece(128, "")) == ([], False)  # the first byte of é: held by the decoder
+    pieces, stopped = stream.push(Piece(128, ""))  # not a continuation: the first byte becomes U+FFFD, the second waits
+    assert stopped and pieces == []
+    assert stream.finish() == ([], True)
 
 
 def test_pieces_concatenate_to_the_text(tok):

@@ -40,12 +40,13 @@ def model_not_found(name: str, available: list[str]) -> APIError:
                     param="model", code="model_not_found")
 
 
-def context_length_exceeded(limit: int, prompt_tokens: int, completion_tokens: Optional[int]) -> APIError:
+def context_length_exceeded(limit: int, prompt_tokens: int, completion_tokens: Optional[int],
+                            param: str = "messages") -> APIError:
     asked = f"{prompt_tokens} in the prompt" if completion_tokens is None else \
         f"{prompt_tokens + completion_tokens} tokens ({prompt_tokens} in the prompt, {completion_tokens} in the completion)"
     return APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested {asked}. "
                          "Please reduce the length of the prompt or of the completion.",
-                    param="messages", code="context_length_exceeded")
+                    param=param, code="context_length_exceeded")
 
 
 # -------------------------------------------------------------------------------------------------------- requests

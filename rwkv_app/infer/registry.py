@@ -106,12 +106,13 @@ class ServedModel:
             raise
         return cls(entry, tokenizer, engines, fingerprint)
 
-    def submit(self, request: GenerationRequest, loop: Optional[asyncio.AbstractEventLoop]) -> RequestHandle:
+    def submit(self, request: GenerationRequest, loop: Optional[asyncio.AbstractEventLoop] = None,
+               event: Optional[asyncio.Event] = None) -> RequestHandle:
         """To the least loaded live replica. QueueFull when all are full; EngineClosed when none takes work."""
         full = False
         for engine in sorted((e for e in self.engines if e.alive), key=lambda e: e.load):
             try:
-                return engine.submit(request, loop)
+                return engine.submit(request, loop, event)
             except QueueFull:
                 full = True
             except EngineClosed:

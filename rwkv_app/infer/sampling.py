@@ -53,7 +53,7 @@ class SamplingParams:
 @dataclass
 class Sampled:
     token: int
-    logprob: Optional[float] = None  # log-probability under the model (before penalties, bias and temperature)
+    logprob: Optional[float] = None  # under the model over the decodable ids (before penalties, bias, temperature)
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
@@ -116,7 +116,7 @@ class Sampler:
         out = [Sampled(t) for t in token_list]
         wants = [i for i, p in enumerate(params) if p.logprobs is not None]
         if wants:
-            self._logprobs(raw, wants, params, tokens, out)
+            self._logprobs(raw[:, :self.valid_vocab], wants, params, tokens, out)
         return out
 
     def _draw(self, x: torch.Tensor, rows_idx: list[int], params: Sequence[SamplingParams],

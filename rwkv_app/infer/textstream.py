@@ -26,9 +26,12 @@ class TextStream:
         self._stops = [s for s in stops if s]
         self._held: list[Piece] = []
         self._held_text = ""
+        self._stopped = False  # a stop string was found: nothing more is ever released
 
     def push(self, piece: Piece) -> tuple[list[Piece], bool]:
         """Add a token; returns the pieces now safe to send and whether a stop string ended the sequence."""
+        if self._stopped:
+            return [], True
         piece.text = self._decoder.push(piece.token)
         self._held.append(piece)
         self._held_text += piece.text
@@ -36,6 +39,8 @@ class TextStream:
 
     def finish(self) -> tuple[list[Piece], bool]:
         """End of generation: flush what the decoder still holds and release everything (minus a stop string)."""
+        if self._stopped:
+            return [], True
         tail = self._decoder.flush()
         if tail:
             if self._held:
@@ -49,7 +54,7 @@ class TextStream:
         cut = self._first_stop()
         if cut is not None:
             out = self._take(cut, truncate=True)
-            self._held, self._held_text = [], ""
+            self._held, self._held_text, self._stopped = [], "", True
             return out, True
         keep = 0 if final else self._partial_stop_len()
         return self._take(len(self._held_text) - keep, truncate=False), False
