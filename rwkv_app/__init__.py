@@ -9,6 +9,7 @@ _LAZY = {
     **dict.fromkeys(["WorldTokenizer", "GenericTokenizer", "IntegerTokenizer", "AngleTokenizer", "load_tokenizer",
                      "create_vocab_file_from_tokens", "create_default_vocab_file"], "rwkv_app.tokenizer"),
     **dict.fromkeys(["load_model", "inspect_checkpoint"], "rwkv_app.model.checkpoint"),
+    **dict.fromkeys(["RWKVTrainingPipeline", "NumpyToJsonlConverter", "JsonlToBinIdxConverter"], "rwkv_app.pipeline"),
 }
 
 
