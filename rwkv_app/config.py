@@ -284,6 +284,7 @@ class InferModelConfig(_Section):
     max_context_len: int = Field(4096, ge=1, description="prompt + completion tokens allowed per request")
     paragraph_len: int = Field(256, ge=1, description="prefill chunk length in tokens")
     decode_first: bool = Field(True, description="when both wait, run a decode step before admitting a new prefill")
+    cuda_graphs: bool = Field(True, description="on CUDA, replay the decode step as CUDA graphs (one launch per step)")
     chat_template: ChatTemplate = Field(default_factory=ChatTemplate, description="role names and turn separator")
 
     _resolve = field_validator("weights_path", "tokenizer_vocab_path")(_resolve_path)
