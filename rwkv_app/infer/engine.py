@@ -185,7 +185,8 @@ class Engine:
     """A model replica: `max_batch_size` state slots decoded together on `device` by a worker thread."""
 
     def __init__(self, model: torch.nn.Module, model_cfg: ModelConfig, tokenizer: Any, *, max_batch_size: int, max_context_len: int,
-                 paragraph_len: int, decode_first: bool, max_queued: int, name: str = "engine"):
+                 paragraph_len: int, decode_first: bool, max_queued: int, cuda_graphs: bool = True,
+                 name: str = "engine"):
         from rwkv_app.model.rwkv7 import RWKV7State
 
         self.model, self.tokenizer, self.name = model, tokenizer, name
@@ -193,10 +194,16 @@ class Engine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         cfg = model_cfg
-        self.state = RWKV7State.zeros(cfg, max_batch_size, self.device, self.dtype)
+        # one row per slot, plus a scratch row that padded CUDA-graph batches write to
+        self.state = RWKV7State.zeros(cfg, max_batch_size + 1, self.device, self.dtype)
         self._fresh = RWKV7State.zeros(cfg, 1, self.device, self.dtype)
         self.sampler = Sampler(max_batch_size, cfg.vocab_size, tokenizer.vocab_size, self.device)
         self.scheduler = Scheduler(paragraph_len, decode_first)
+        self._decode_step = lambda tokens, slots: self.model.decode_step(tokens, self.state, slots)
+        if cuda_graphs and self.device.type == "cuda":
+            from rwkv_app.infer.cudagraph import GraphedDecode
+
+            self._decode_step = GraphedDecode(model, self.state, max_batch_size, scratch_slot=max_batch_size)
 
         self._cv = threading.Condition()
         self._inbox: deque[RequestHandle] = deque()
@@ -279,7 +286,7 @@ class Engine:
             with self._cv:
                 self._abort_all("the server is shutting down")
             self._thread.join()
-        self.model = None  # type: ignore[assignment]
+        self.model = self._decode_step = None  # type: ignore[assignment]  (graphs hold the model too)
         self.state = self._fresh = None  # type: ignore[assignment]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -383,7 +390,7 @@ class Engine:
     def _decode(self, seqs: list[_Seq], touched: set) -> None:
         tokens = torch.tensor([s.last_token for s in seqs], device=self.device)  # [B]
         slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        logits = self.model.decode_step(tokens, self.state, slots)  # [B, V]
+        logits = self._decode_step(tokens, slots)  # [B, V]
         self._sample_and_emit(logits, seqs, touched)
         self.tokens_decoded += len(seqs)
 
