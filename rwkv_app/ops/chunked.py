@@ -102,11 +102,13 @@ def wkv7_chunked(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Ten
     Hc = sol_end[..., N:, :] + v.transpose(-1, -2) @ (k * to_end)  # [nc, B, H, N, N]
     del W
 
+    # The only sequential part: S_{c+1} = S_c G_c + Hc_c. (unbind, not indexing: its backward is one stack, where
+    # indexing would build a full-size zero gradient per chunk.)
     starts = []                                                    # the state entering each chunk
-    S = state
-    for c in range(nc):
+    S = state.reshape(B * H, N, N)
+    for G_c, H_c in zip(G.reshape(nc, B * H, N, N).unbind(0), Hc.reshape(nc, B * H, N, N).unbind(0)):
         starts.append(S)
-        S = torch.baddbmm(Hc[c].view(B * H, N, N), S.reshape(B * H, N, N), G[c].view(B * H, N, N)).view(B, H, N, N)
-    y = Q @ torch.stack(starts).transpose(-1, -2) + Y0             # [nc, B, H, L, N]
+        S = torch.baddbmm(H_c, S, G_c)
+    y = Q @ torch.stack(starts).view(nc, B, H, N, N).transpose(-1, -2) + Y0   # [nc, B, H, L, N]
     y = y.permute(1, 0, 3, 2, 4).reshape(B, nc * L, H, N)[:, :T]
-    return y.to(out_dtype), S
+    return y.to(out_dtype), S.view(B, H, N, N)
