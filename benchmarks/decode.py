@@ -1,0 +1,202 @@
+"""Engine-only inference speed: decode tokens/s per batch size and prefill tokens/s, random weights of any config.
+
+Three decode figures per batch size B (B sequences, one token each per step):
+  model  eager `model.decode_step` over a slot table (the forward alone)
+  graph  the same step replayed as a CUDA graph (what the engine runs on CUDA)
+  engine the whole serving engine: B requests decoding together, with sampling (greedy), detokenizing and the
+         per-step bookkeeping; measured over steady-state decode steps only
+plus prefill (`model.prefill` of B x T tokens). Before timing, the graphed step is checked against the eager one.
+
+    python benchmarks/decode.py --model-cfg rwkv-lm-7.2b --batches 1,8,32,128,512 --json out.json
+    python benchmarks/decode.py --model-cfg demo --device cpu --dtype fp32 --batches 1,4 --steps 8   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rwkv_app.config import ModelConfig, load_model_config  # noqa: E402
+from rwkv_app.infer.engine import Engine, GenerationRequest  # noqa: E402
+from rwkv_app.infer.sampling import SamplingParams  # noqa: E402
+from rwkv_app.model.rwkv7 import RWKV7  # noqa: E402
+from rwkv_app.model.state import RWKV7State  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> RWKV7:
+    """Random weights straight on the device (no init maths, no host copy): fine for timing, sane for sampling."""
+    with torch.device("meta"):
+        model = RWKV7(cfg)
+    model = model.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln0.weight", "ln1.weight", "ln2.weight", "ln_out.weight", "ln_x.weight")):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.rand(p.shape, generator=g, device=device, dtype=torch.float32).sub_(0.5).mul_(0.1))
+    return model.to(dtype).eval()
+
+
+class _VocabTokenizer:
+    """Decodes every id to one byte: the engine's detokenizing cost without a real vocab file."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def incremental_decoder(self):
+        return self
+
+    def push(self, token_id: int) -> str:
+        return chr(32 + token_id % 90)
+
+    def flush(self) -> str:
+        return ""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device: torch.device, steps: int) -> float:
+    """Seconds per call (median of three rounds of `steps` calls, after a warm-up call)."""
+    fn()
+    rounds = []
+    for _ in range(3):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        _sync(device)
+        rounds.append((time.perf_counter() - t0) / steps)
+    return sorted(rounds)[1]
+
+
+def bench_step(model, cfg, device, dtype, batch: int, steps: int, graphs: bool) -> dict:
+    from rwkv_app.infer.cudagraph import GraphedDecode
+
+    state = RWKV7State.zeros(cfg, batch + 1, device, dtype)
+    tokens = torch.randint(1, cfg.vocab_size, (batch,), device=device)
+    slots = torch.arange(batch, device=device)
+    out = {"batch": batch}
+    with torch.inference_mode():
+        eager = lambda: model.decode_step(tokens, state, slots)  # noqa: E731
+        out["model_tok_s"] = batch / _time(eager, device, steps)
+        if graphs and device.type == "cuda":
+            graphed = GraphedDecode(model, state, batch, scratch_slot=batch)
+            snapshot = state.clone()
+            want = model.decode_step(tokens, state, slots).float()
+            state.assign(torch.arange(batch + 1, device=device), snapshot)
+            got = graphed(tokens, slots).float()
+            out["graph_max_abs_diff"] = (got - want).abs().max().item()
+            out["graph_disabled"] = graphed.disabled
+            out["graph_tok_s"] = batch / _time(lambda: graphed(tokens, slots), device, steps)
+    return out
+
+
+def bench_engine(model, cfg, device, batch: int, steps: int, graphs: bool) -> float:
+    """Steady-state decode tokens/s of the whole engine with `batch` concurrent greedy requests."""
+    engine = Engine(model, cfg, _VocabTokenizer(cfg.vocab_size), max_batch_size=batch, max_context_len=1 << 20,
+                    paragraph_len=64, decode_first=False, max_queued=batch, cuda_graphs=graphs).start()
+    warm = 3
+    params = SamplingParams(temperature=0.0, logit_bias=((0, -100.0),))  # random weights must not end early
+    handles = [engine.submit(GenerationRequest([1 + i % 100] * 16, params, warm + steps + 8)) for i in range(batch)]
+    stop = threading.Event()
+
+    def read():  # a reader that keeps up, as the HTTP layer does
+        while not stop.is_set():
+            for h in handles:
+                h.take()
+            time.sleep(0.0005)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        def wait_steps(n):
+            while engine.steps["decode"] < n:
+                time.sleep(0.0002)
+            return time.perf_counter(), engine.tokens_decoded
+
+        # decode_first = false: every prompt is prefilled before the first decode step, so all B run together
+        t0, n0 = wait_steps(warm)
+        t1, n1 = wait_steps(warm + steps)
+        return (n1 - n0) / (t1 - t0)
+    finally:
+        stop.set()
+        for h in handles:
+            h.cancel()
+        engine.close(timeout=60)
+        reader.join()
+
+
+def bench_prefill(model, cfg, device, dtype, batch: int, length: int, steps: int) -> float:
+    state = RWKV7State.zeros(cfg, batch, device, dtype)
+    tokens = torch.randint(1, cfg.vocab_size, (batch, length), device=device)
+    slots = torch.arange(batch, device=device)
+    with torch.inference_mode():
+        return batch * length / _time(lambda: model.prefill(tokens, state, slots), device, steps)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config-dir", default=str(Path(__file__).resolve().parents[1] / "config"))
+    ap.add_argument("--model-cfg", action="append", required=True, help="config/model NAME (repeatable)")
+    ap.add_argument("--batches", default="1,8,32,128,512")
+    ap.add_argument("--steps", type=int, default=32, help="timed decode steps per round")
+    ap.add_argument("--prefill", default="1x2048,8x1024", help="BxT shapes for prefill timing")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--no-engine", action="store_true", help="skip the whole-engine figures")
+    ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    batches = [int(b) for b in args.batches.split(",")]
+    env = {"torch": torch.__version__, "cuda": torch.version.cuda, "dtype": args.dtype,
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    print(json.dumps(env))
+    results = {"env": env, "models": {}}
+    for name in args.model_cfg:
+        cfg = load_model_config(args.config_dir, name)
+        model = random_model(cfg, device, dtype)
+        rows = []
+        print(f"\n{name}: L{cfg.n_layer} C{cfg.n_embd} V{cfg.vocab_size} ({cfg.num_parameters / 1e9:.2f}B params)")
+        print(f"{'batch':>6} {'model tok/s':>12} {'graph tok/s':>12} {'engine tok/s':>13} {'graph vs eager':>15}")
+        for b in batches:
+            row = bench_step(model, cfg, device, dtype, b, args.steps, not args.no_graphs)
+            if not args.no_engine:
+                row["engine_tok_s"] = bench_engine(model, cfg, device, b, args.steps, not args.no_graphs)
+            rows.append(row)
+            print(f"{b:>6} {row['model_tok_s']:>12,.0f} {row.get('graph_tok_s', float('nan')):>12,.0f} "
+                  f"{row.get('engine_tok_s', float('nan')):>13,.0f} {row.get('graph_max_abs_diff', float('nan')):>15.2e}",
+                  flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        prefill = []
+        for shape in args.prefill.split(","):
+            pb, pt = (int(x) for x in shape.split("x"))
+            tps = bench_prefill(model, cfg, device, dtype, pb, pt, max(2, args.steps // 8))
+            prefill.append({"batch": pb, "length": pt, "tok_s": tps})
+            print(f"prefill {pb}x{pt}: {tps:,.0f} tok/s", flush=True)
+        results["models"][name] = {"decode": rows, "prefill": prefill, "params": cfg.num_parameters}
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""HTTP load on a real `rwkv-infer` (a subprocess) serving random weights of any config.
+
+For each concurrency level, that many clients send streaming completions back to back for `--duration` seconds
+(prompt of `--prompt-len` random token ids, `--max-tokens` generated, the end-of-document token banned so every
+request has the same length). Reported: requests/s, output tokens/s, time to first token and inter-token latency
+(gap between streamed events) p50/p95/p99, errors. The client is a small asyncio HTTP/1.1 reader, so it stays
+cheaper than the server it measures.
+
+    python benchmarks/serve.py --model-cfg rwkv-lm-7.2b --concurrency 1,8,32,64,128 --json out.json
+    python benchmarks/serve.py --model-cfg demo --device cpu --concurrency 1,4 --duration 3 --max-tokens 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from decode import DTYPES, random_model  # noqa: E402
+
+from rwkv_app.config import load_model_config  # noqa: E402
+from rwkv_app.model.checkpoint import save_checkpoint  # noqa: E402
+
+
+def write_config(root: Path, args, port: int) -> None:
+    """A config dir with the model's architecture, random weights and (for small vocabs) a byte vocab."""
+    cfg = load_model_config(args.config_dir, args.model_cfg)
+    (root / "model").mkdir(parents=True)
+    (root / "infer").mkdir()
+    (root / "model" / "bench.toml").write_text((Path(args.config_dir) / "model" / f"{args.model_cfg}.toml").read_text())
+    model = random_model(cfg, torch.device(args.device), DTYPES[args.dtype])
+    save_checkpoint(root / "weights.safetensors", model, cfg)
+    del model
+    vocab = ""
+    if cfg.vocab_size < 65536:
+        from rwkv_app.tokenizer import create_vocab_file_from_tokens
+
+        create_vocab_file_from_tokens([bytes([b]) for b in range(1, min(256, cfg.vocab_size))], root / "vocab.txt")
+        vocab = 'tokenizer_vocab_path = "../vocab.txt"\n'
+    slots = args.max_batch_size or max(int(c) for c in args.concurrency.split(","))
+    (root / "infer" / "bench.toml").write_text(
+        f'http_bind_addr = "127.0.0.1:{port}"\nmax_queued_requests = 4096\nwatch_config = false\n'
+        f'sse_keep_alive_ms = 0\n\n[[models]]\nmodel_name = "bench"\nmodel_cfg = "bench"\n'
+        f'weights_path = "../weights.safetensors"\n{vocab}device_type = "{args.device}"\nprecision = "{args.dtype}"\n'
+        f'max_batch_size = {slots}\nmax_context_len = {args.prompt_len + args.max_tokens + 1}\n'
+        f'paragraph_len = {min(args.paragraph_len, args.prompt_len + args.max_tokens + 1)}\ndecode_first = true\n')
+
+
+async def one_request(port: int, body: bytes) -> dict:
+    """One streaming completion over a fresh connection: TTFT, event gaps, completion tokens (from usage)."""
+    t0 = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        if status != 200:
+            return {"error": f"HTTP {status}: {(await reader.read())[:200]!r}"}
+        times, usage, buf = [], None, b""
+        while True:  # chunked transfer encoding
+            size = int((await reader.readline()).strip(), 16)
+            if size == 0:
+                break
+            buf += (await reader.readexactly(size + 2))[:-2]
+            *events, buf = buf.split(b"\n\n")
+            now = time.perf_counter()
+            for ev in events:
+                if ev.startswith(b"data: {") and b'"choices": []' in ev:
+                    usage = json.loads(ev[6:])["usage"]
+                elif ev.startswith(b"data: {") and b'"error"' in ev[:20]:
+                    return {"error": ev[6:200].decode()}
+                elif ev.startswith(b"data: {"):
+                    times.append(now)
+        if not times or usage is None:
+            return {"error": "stream ended without tokens or usage"}
+        return {"ttft": times[0] - t0, "gaps": [b - a for a, b in zip(times, times[1:])],
+                "tokens": usage["completion_tokens"], "end": time.perf_counter()}
+    finally:
+        writer.close()
+
+
+def pct(values: list, p: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+async def load(port: int, concurrency: int, duration: float, prompt_len: int, max_tokens: int, vocab: int) -> dict:
+    rng = random.Random(concurrency)
+    deadline = time.perf_counter() + duration
+    results: list = []
+
+    async def client():
+        while time.perf_counter() < deadline:
+            prompt = [rng.randrange(1, vocab) for _ in range(prompt_len)]
+            body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                               "logit_bias": {"0": -100}, "stream": True,
+                               "stream_options": {"include_usage": True}}).encode()
+            try:
+                results.append(await one_request(port, body))
+            except (OSError, asyncio.IncompleteReadError, ValueError) as e:
+                results.append({"error": f"{type(e).__name__}: {e}"})
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    ok = [r for r in results if "error" not in r]
+    gaps = [g for r in ok for g in r["gaps"]]
+    return {"concurrency": concurrency, "requests": len(ok), "errors": len(results) - len(ok),
+            "first_error": next((r["error"] for r in results if "error" in r), None), "seconds": elapsed,
+            "req_s": len(ok) / elapsed, "out_tok_s": sum(r["tokens"] for r in ok) / elapsed,
+            **{f"ttft_p{p}_ms": 1000 * pct([r["ttft"] for r in ok], p) for p in (50, 95, 99)},
+            **{f"itl_p{p}_ms": 1000 * pct(gaps, p) for p in (50, 95, 99)}}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config-dir", default=str(ROOT / "config"))
+    ap.add_argument("--model-cfg", required=True)
+    ap.add_argument("--concurrency", default="1,8,32,64,128")
+    ap.add_argument("--duration", type=float, default=15.0, help="seconds of load per level")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--max-batch-size", type=int, default=0, help="state slots (default: the largest concurrency)")
+    ap.add_argument("--paragraph-len", type=int, default=256)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--port", type=int, default=18765)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    cfg = load_model_config(args.config_dir, args.model_cfg)
+    vocab = 65530 if cfg.vocab_size >= 65536 else min(256, cfg.vocab_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_config(root, args, args.port)
+        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        log = open(root / "server.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "rwkv_app.cli.infer", "--config-dir", str(root),
+                                 "--infer-cfg", "bench"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        rows = []
+        try:
+            import httpx
+
+            deadline = time.time() + 600
+            while True:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{args.port}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if proc.poll() is not None or time.time() > deadline:
+                    raise SystemExit("server did not start:\n" + (root / "server.log").read_text()[-3000:])
+                time.sleep(0.5)
+            print(f"{'conc':>5} {'req/s':>7} {'out tok/s':>10} {'TTFT p50/p95/p99 ms':>22} "
+                  f"{'ITL p50/p95/p99 ms':>22} {'errors':>7}")
+            for c in (int(x) for x in args.concurrency.split(",")):
+                r = asyncio.run(load(args.port, c, args.duration, args.prompt_len, args.max_tokens, vocab))
+                rows.append(r)
+                print(f"{c:>5} {r['req_s']:>7.2f} {r['out_tok_s']:>10,.0f} "
+                      f"{r['ttft_p50_ms']:>8.0f}/{r['ttft_p95_ms']:.0f}/{r['ttft_p99_ms']:.0f} "
+                      f"{r['itl_p50_ms']:>10.1f}/{r['itl_p95_ms']:.1f}/{r['itl_p99_ms']:.1f} {r['errors']:>7}", flush=True)
+                if r["first_error"]:
+                    print("  first error:", r["first_error"])
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    env = {"torch": torch.__version__, "cuda": torch.version.cuda, "dtype": args.dtype, "model": args.model_cfg,
+           "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+           "prompt_len": args.prompt_len, "max_tokens": args.max_tokens}
+    if args.json:
+        Path(args.json).write_text(json.dumps({"env": env, "levels": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
