@@ -36,8 +36,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> RWKV7:
     """Random weights straight on the device (no init maths, no host copy): fine for timing, sane for sampling."""
     with torch.device("meta"):
-        model = RWKV7(cfg)
-    model = model.to_empty(device=device)
+        model = RWKV7(cfg).to(dtype)
+    model = model.to_empty(device=device)  # allocated once, in the final dtype
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -45,7 +45,7 @@ def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, see
                 p.fill_(1.0)
             else:
                 p.copy_(torch.rand(p.shape, generator=g, device=device, dtype=torch.float32).sub_(0.5).mul_(0.1))
-    return model.to(dtype).eval()
+    return model.eval()
 
 
 class _VocabTokenizer:

@@ -44,6 +44,8 @@ def write_config(root: Path, args, port: int) -> None:
     model = random_model(cfg, torch.device(args.device), DTYPES[args.dtype])
     save_checkpoint(root / "weights.safetensors", model, cfg)
     del model
+    if args.device == "cuda":
+        torch.cuda.empty_cache()  # the server process needs the memory
     vocab = ""
     if cfg.vocab_size < 65536:
         from rwkv_app.tokenizer import create_vocab_file_from_tokens
