@@ -255,6 +255,13 @@ def test_every_error_has_its_status_and_shape(srv):
         yield b'"}]}'
 
     _error(srv.http.post(chat, content=chunked(), headers={"content-type": "application/json"}), 413)
+    engine = srv.engine()
+    engine.max_queued = 0  # a full queue, without having to fill it
+    try:
+        r = srv.http.post(chat, json=ok)
+        assert _error(r, 429)["code"] == "queue_full" and r.headers["retry-after"] == "1"
+    finally:
+        engine.max_queued = 64
     _error(srv.http.get("/v1/nothing-here"), 404)
     _error(srv.http.get(chat), 405)
     with pytest.raises(openai.BadRequestError):
