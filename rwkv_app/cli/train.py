@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Optional, Sequence
 
@@ -20,6 +21,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     parser.add_argument("--init-weights", metavar="PATH",
                         help="start from these weights (.safetensors or RWKV-LM .pth) instead of init_weights_path")
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of the progress bar")
+    # the deepspeed launcher appends --local_rank=N (the rank is read from LOCAL_RANK either way)
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cfg = load_train_config(args.config_dir, args.train_cfg)
     if args.print_config:
