@@ -13,8 +13,9 @@ so every u_t is linear in S0 and in the earlier u_s and v_s:
 
     u_t = S0 (Λ_{t-1} a_t) + sum_{s<t} u_s <a_t, b_s>_{t,s} + v_s <a_t, k_s>_{t,s},   <x, y>_{t,s} = sum_j x_j y_j Λ_{t-1,j}/Λ_{s,j}
 
-i.e. (I - A_ab) U = Ã S0^T + A_ak V with A strictly lower triangular: one triangular solve per chunk (the WY / UT
-form of the rank-1 term). With W = (I - A_ab)^{-1} Ã and U0 = (I - A_ab)^{-1} A_ak V everything else is matmuls:
+i.e. (I - A_ab) U = Ã S0^T + A_ak V with A strictly lower triangular: one triangular inverse per chunk (the WY /
+UT form of the rank-1 term), computed by blocked doubling with batched matmuls. With W = (I - A_ab)^{-1} Ã and
+U0 = (I - A_ab)^{-1} A_ak V everything else is matmuls:
 
     U   = W S0^T + U0                                           [L, N]
     Y   = Q S0^T + Y0,  Q = R̃ + A_rb W,  Y0 = A_rb U0 + A_rk V   (A_r* include the diagonal: y_t sees token t)
@@ -22,7 +23,7 @@ form of the rank-1 term). With W = (I - A_ab)^{-1} Ã and U0 = (I - A_ab)^{-1} A
 
 All of W, U0, Q, Y0, G, Hc are computed for every chunk at once; only S_{c+1} = S_c G_c + Hc_c runs in a loop, one
 small batched matmul per chunk. The decay products Λ_{t-1}/Λ_s are formed from log-space cumulative sums split
-around the middle of the chunk, so no factor exceeds exp(0.61 L/2) and fp32 neither overflows nor loses bits.
+around the middle of the chunk, so no factor exceeds exp(0.61 L/2) and fp32 never overflows.
 Gradients come from autograd through these batched ops (exact: it is the same function, just reassociated).
 T need not be a multiple of the chunk: the tail is padded with identity steps (log-decay 0, zero a, b, k, v, r).
 """
@@ -37,6 +38,28 @@ import torch.nn.functional as F
 from rwkv_app.ops.reference import DECAY_SCALE
 
 CHUNK = 32
+
+
+def _inverse_of_identity_minus(A: torch.Tensor) -> torch.Tensor:
+    """(I - A)^-1 for strictly lower-triangular A [..., L, L], by doubling the size of the inverted diagonal blocks:
+    inv [[T11, 0], [T21, T22]] = [[X11, 0], [-X22 T21 X11, X22]]. The same arithmetic as forward substitution
+    (so just as stable), but log2(L) rounds of batched matmuls instead of LAPACK's per-matrix triangular solves,
+    which are several times slower for many small matrices; autograd differentiates it like any matmul chain."""
+    *batch, L, _ = A.shape
+    P = 1 << (L - 1).bit_length()                                  # pad to a power of two: identity below
+    if P != L:
+        A = F.pad(A, (0, P - L, 0, P - L))
+    X = torch.ones(*batch, P, 1, 1, dtype=A.dtype, device=A.device)  # inverted diagonal blocks of size s
+    s = 1
+    while s < P:
+        n = P // (2 * s)
+        pairs = A.reshape(*batch, n, 2 * s, n, 2 * s).diagonal(dim1=-4, dim2=-2).movedim(-1, -3)  # [..., n, 2s, 2s]
+        X = X.reshape(*batch, n, 2, s, s)
+        X11, X22 = X[..., 0, :, :], X[..., 1, :, :]
+        below = X22 @ pairs[..., s:, :s] @ X11                     # -X22 T21 X11 with T21 = -A21
+        X = torch.cat([torch.cat([X11, torch.zeros_like(X11)], dim=-1), torch.cat([below, X22], dim=-1)], dim=-2)
+        s *= 2
+    return X.reshape(*batch, P, P)[..., :L, :L]
 
 
 def _blocks(x: torch.Tensor, chunk: int, pad: int) -> torch.Tensor:
@@ -88,10 +111,8 @@ def wkv7_chunked(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Ten
     A_ab, A_ak = pairs[..., :L, :L], pairs[..., :L, L:]
     A_rb, A_rk = pairs[..., L:, :L], pairs[..., L:, L:]
 
-    eye = torch.eye(L, dtype=cd, device=r.device)
     rhs = torch.cat([a_in * mid_abs, A_ak @ v], dim=-1)            # [Ã | A_ak V]: [nc, B, H, L, 2N]
-    sol = torch.linalg.solve_triangular(eye - A_ab, rhs, upper=False, unitriangular=True)  # [W | U0]
-    W = sol[..., :N]
+    sol = _inverse_of_identity_minus(A_ab) @ rhs                   # [W | U0]
 
     r_sol = A_rb @ sol                                             # [A_rb W | A_rb U0]
     Q = r_in * mid_abs + r_sol[..., :N]                            # y's dependence on S0: [nc, B, H, L, N]
@@ -100,7 +121,6 @@ def wkv7_chunked(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Ten
     sol_end = sol.transpose(-1, -2) @ (b * to_end)                 # [W^T B' ; U0^T B']: [nc, B, H, 2N, N]
     G = torch.diag_embed((mid_abs * mid_to_end).squeeze(-2)) + sol_end[..., :N, :]
     Hc = sol_end[..., N:, :] + v.transpose(-1, -2) @ (k * to_end)  # [nc, B, H, N, N]
-    del W
 
     # The only sequential part: S_{c+1} = S_c G_c + Hc_c. (unbind, not indexing: its backward is one stack, where
     # indexing would build a full-size zero gradient per chunk.)
