@@ -67,8 +67,8 @@ class TimeMix(nn.Module):
         B, T, C = h.shape
         H, N = self.n_head, self.head_size
         xx = shifted - h
-        xr, xw, xk = h + xx * self.x_r, h + xx * self.x_w, h + xx * self.x_k
-        xv, xa, xg = h + xx * self.x_v, h + xx * self.x_a, h + xx * self.x_g
+        xr, xw, xk, xv, xa, xg = (torch.addcmul(h, xx, mix) for mix in (self.x_r, self.x_w, self.x_k, self.x_v,
+                                                                          self.x_a, self.x_g))  # h + xx * x_*
         r = self.receptance(xr)
         w = self.w0 + torch.tanh(xw @ self.w1) @ self.w2                     # raw decay d; decay inside the op
         k = self.key(xk)
@@ -104,7 +104,7 @@ class ChannelMix(nn.Module):
         self.value = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=False)
 
     def forward(self, h: torch.Tensor, shifted: torch.Tensor) -> torch.Tensor:
-        kx = h + (shifted - h) * self.x_k
+        kx = torch.addcmul(h, shifted - h, self.x_k)
         return self.value(torch.relu(self.key(kx)) ** 2)
 
 

@@ -1,7 +1,8 @@
 """The one dispatch point for the WKV-7 operator: the CUDA kernels when built and given CUDA tensors, PyTorch otherwise.
 
 Environment `RWKV_WKV_BACKEND`: `auto` (default) | `cuda` | `torch`. In `auto`, CUDA inputs go to
-`rwkv_app.ops.cuda` when it imports and reports `available()`; everything else runs the chunked PyTorch form.
+`rwkv_app.ops.cuda` when it imports, reports `available()` and has the head size compiled; everything else runs
+the chunked PyTorch form.
 `cuda` makes a missing extension an error instead of a silent fallback; `torch` never touches the extension.
 
 Shapes (see `reference.py` for the maths): r, w, k, v, a, b [B, T, H, N] with `w` the raw decay pre-activation,
@@ -53,11 +54,16 @@ def _cuda_for(x: torch.Tensor) -> Optional[ModuleType]:
     if name == "torch":
         return None
     module = _load_cuda() if x.is_cuda else None
-    if module is not None and module.available():
+    head_sizes = getattr(module, "SUPPORTED_HEAD_SIZES", None)
+    compiled = head_sizes is None or x.shape[-1] in head_sizes
+    if module is not None and module.available() and compiled:
         return module
     if name == "cuda":
         if not x.is_cuda:
             raise UserError(f"{BACKEND_ENV}=cuda needs CUDA tensors, got tensors on {x.device}")
+        if module is not None and module.available():
+            raise UserError(f"{BACKEND_ENV}=cuda: head size {x.shape[-1]} is not compiled into the CUDA kernels "
+                            f"(they have {', '.join(map(str, head_sizes))})")
         why = _cuda_import_error or "rwkv_app.ops.cuda.available() is false (extension not built for this GPU?)"
         raise UserError(f"{BACKEND_ENV}=cuda but the WKV CUDA extension is unavailable: {why}")
     return None
