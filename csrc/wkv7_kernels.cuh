@@ -113,15 +113,59 @@ struct Layout {
     static_assert(N % P == 0 && E % 4 == 0, "each lane must own whole float4 pieces of a line");
     static_assert(LB % R == 0 && N % LB == 0, "lines must split evenly");
     static_assert(NT % 32 == 0 || P == 1, "shuffle groups need whole warps");
+    // blocks per multiprocessor promised to ptxas: four warps' worth of threads at least, which lets small blocks
+    // keep up to 255 registers (without it ptxas caps some at 128 and spills)
+    static constexpr int MIN_BLOCKS = NT >= 256 ? 1 : 256 / NT;
     __device__ static __forceinline__ int elem(int e4, int c, int q) { return 4 * (e4 * P + q) + c; }
 };
+
+// ---------------------------------------------------------------------------------------------------------------
+// Rescaled basis. Inside one chunk the decay is folded into the broadcast vectors so that no per-element multiply
+// by the decay is left in the inner loops. For the rows of S (forward), with D_s = prod_{s' <= s} decay_{s'} per key
+// j (D_{-1} = 1) and S^_s = S_s / D_s (elementwise over j):
+//     sa = S^_{s-1} . (a D_{s-1}),   S^_s = S^_{s-1} + sa (b / D_s) + v (k / D_s),   y = S^_s . (r D_s)
+// and S = S^ D_15 at the chunk's end. Decay >= 0.545 keeps D_15 >= 6e-5: no overflow, and the products round like
+// the unscaled ones. The backward passes use the mirror image (products taken from the chunk's end).
+
+template <int E, int V4, int P>
+__device__ __forceinline__ void load_line(float (&x)[E], const float* src, int q) {
+#pragma unroll
+    for (int e4 = 0; e4 < V4; e4++) {
+        const float4 u = *reinterpret_cast<const float4*>(src + 4 * (e4 * P + q));
+        x[4 * e4] = u.x; x[4 * e4 + 1] = u.y; x[4 * e4 + 2] = u.z; x[4 * e4 + 3] = u.w;
+    }
+}
+
+template <int E, int V4, int P>
+__device__ __forceinline__ void store_line(const float (&x)[E], float* dst, int q) {
+#pragma unroll
+    for (int e4 = 0; e4 < V4; e4++)
+        *reinterpret_cast<float4*>(dst + 4 * (e4 * P + q)) = make_float4(x[4 * e4], x[4 * e4 + 1], x[4 * e4 + 2], x[4 * e4 + 3]);
+}
+
+// x *= vec (elementwise over the thread's elements), vec a shared-memory vector of N floats
+template <int E, int V4, int P>
+__device__ __forceinline__ void scale_line(float (&x)[E], const float* vec, int q) {
+#pragma unroll
+    for (int e4 = 0; e4 < V4; e4++) {
+        const float4 u = reinterpret_cast<const float4*>(vec)[e4 * P + q];
+        x[4 * e4] *= u.x; x[4 * e4 + 1] *= u.y; x[4 * e4 + 2] *= u.z; x[4 * e4 + 3] *= u.w;
+    }
+}
+
+__device__ __forceinline__ float sum8(const float (&c)[2][4]) {
+    return ((c[0][0] + c[1][0]) + (c[0][1] + c[1][1])) + ((c[0][2] + c[1][2]) + (c[0][3] + c[1][3]));
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Forward over rows of S. TRAIN: also writes sa [B,T,H,N] and the checkpoints ckpt [B,H,nC,N(j),N(i)] (the state
 // after each chunk, transposed for the column pass). Prefill: state_in == state_out is allowed (in place).
 
+template <typename T, int N>
+constexpr size_t line_smem() { return 2 * 6 * CHUNK * N * sizeof(T) + (4 * CHUNK * N + N) * sizeof(float); }
+
 template <typename T, int N, int P, int R, int LB, bool TRAIN>
-__global__ void __launch_bounds__(Layout<N, P, R, LB>::NT)
+__global__ void __launch_bounds__(Layout<N, P, R, LB>::NT, Layout<N, P, R, LB>::MIN_BLOCKS)
 fwd_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __restrict__ k, const T* __restrict__ v,
            const T* __restrict__ a, const T* __restrict__ bb, const float* state_in, float* state_out,
            T* __restrict__ y, float* __restrict__ sa_out, float* __restrict__ ckpt, int B, int T_, int H) {
@@ -132,23 +176,17 @@ fwd_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __restrict
     const int tid = threadIdx.x, g = tid / P, q = tid % P;
     const int nC = (T_ + CHUNK - 1) / CHUNK;
 
-    // shared memory: raw[2][6][CHUNK][N] (r, w, k, a, b, v) then f32[5][CHUNK][N] (r, decay, k, a, b)
+    // raw[2][6][CHUNK][N] (r, w, k, a, b, v), then f32 [CHUNK][N] each: a D_{s-1}, b / D_s, k / D_s, r D_s; D_15 [N]
     extern __shared__ __align__(16) unsigned char smem[];
     T* raw = reinterpret_cast<T*>(smem);
-    float* f32 = reinterpret_cast<float*>(smem + 2 * 6 * CHUNK * N * sizeof(T));
     constexpr int V = CHUNK * N;
-    float *fr = f32, *fw = f32 + V, *fk = f32 + 2 * V, *fa = f32 + 3 * V, *fb = f32 + 4 * V;
+    float* fa = reinterpret_cast<float*>(smem + 2 * 6 * V * sizeof(T));
+    float *fb = fa + V, *fk = fa + 2 * V, *fr = fa + 3 * V, *fend = fa + 4 * V;
 
     float S[R][E];
 #pragma unroll
-    for (int rr = 0; rr < R; rr++) {
-        const float* src = state_in + (static_cast<int64_t>(bh) * N + l0 + rr * L::G + g) * N;
-#pragma unroll
-        for (int e4 = 0; e4 < V4; e4++) {
-            const float4 u = *reinterpret_cast<const float4*>(src + L::elem(e4, 0, q));
-            S[rr][4 * e4] = u.x; S[rr][4 * e4 + 1] = u.y; S[rr][4 * e4 + 2] = u.z; S[rr][4 * e4 + 3] = u.w;
-        }
-    }
+    for (int rr = 0; rr < R; rr++)
+        load_line<E, V4, P>(S[rr], state_in + (static_cast<int64_t>(bh) * N + l0 + rr * L::G + g) * N, q);
 
     auto issue = [&](int ci, int buf) {
         T* dst = raw + buf * 6 * V;
@@ -169,13 +207,22 @@ fwd_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __restrict
         __syncthreads();  // this chunk landed for everyone; the previous chunk's compute is over
         if (ci + 1 < nC) issue(ci + 1, buf ^ 1);
         const T* cur = raw + buf * 6 * V;
-        for (int idx = tid; idx < V; idx += NT) {
-            const bool pad = t0 + idx / N >= T_;
-            fr[idx] = to_f32(cur[idx]);
-            fw[idx] = pad ? 1.f : decay_of(to_f32(cur[V + idx]));
-            fk[idx] = to_f32(cur[2 * V + idx]);
-            fa[idx] = to_f32(cur[3 * V + idx]);
-            fb[idx] = to_f32(cur[4 * V + idx]);
+        for (int j = tid; j < N; j += NT) {  // one key per thread: the decay products run along the chunk
+            float dec[CHUNK];
+#pragma unroll
+            for (int s = 0; s < CHUNK; s++) dec[s] = t0 + s < T_ ? decay_of(to_f32(cur[V + s * N + j])) : 1.f;
+            float D = 1.f;
+#pragma unroll
+            for (int s = 0; s < CHUNK; s++) {
+                const int o = s * N + j;
+                fa[o] = to_f32(cur[3 * V + o]) * D;
+                D *= dec[s];
+                const float inv = __frcp_rn(D);
+                fb[o] = to_f32(cur[4 * V + o]) * inv;
+                fk[o] = to_f32(cur[2 * V + o]) * inv;
+                fr[o] = to_f32(cur[o]) * D;
+            }
+            fend[j] = D;
         }
         __syncthreads();
         const T* cv = cur + 5 * V;
@@ -193,25 +240,20 @@ fwd_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __restrict
 #pragma unroll
                 for (int e4 = 0; e4 < V4; e4++) {
                     const float4 u = A4[e4 * P];
+                    const float ua[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
-                    for (int rr = 0; rr < R; rr++) {
-                        float* c4 = acc[rr][e4 & 1];
-                        c4[0] = fmaf(S[rr][4 * e4], u.x, c4[0]);
-                        c4[1] = fmaf(S[rr][4 * e4 + 1], u.y, c4[1]);
-                        c4[2] = fmaf(S[rr][4 * e4 + 2], u.z, c4[2]);
-                        c4[3] = fmaf(S[rr][4 * e4 + 3], u.w, c4[3]);
-                    }
+                    for (int rr = 0; rr < R; rr++)
+#pragma unroll
+                        for (int c = 0; c < 4; c++)
+                            acc[rr][e4 & 1][c] = fmaf(S[rr][4 * e4 + c], ua[c], acc[rr][e4 & 1][c]);
                 }
 #pragma unroll
-                for (int rr = 0; rr < R; rr++)
-                    sa[rr] = group_sum<P>(((acc[rr][0][0] + acc[rr][1][0]) + (acc[rr][0][1] + acc[rr][1][1])) +
-                                          ((acc[rr][0][2] + acc[rr][1][2]) + (acc[rr][0][3] + acc[rr][1][3])));
+                for (int rr = 0; rr < R; rr++) sa[rr] = group_sum<P>(sum8(acc[rr]));
             }
             float vv[R];
 #pragma unroll
             for (int rr = 0; rr < R; rr++) vv[rr] = to_f32(cv[s * N + l0 + rr * L::G + g]);
 
-            const float4* W4 = reinterpret_cast<const float4*>(fw + s * N) + q;
             const float4* B4 = reinterpret_cast<const float4*>(fb + s * N) + q;
             const float4* K4 = reinterpret_cast<const float4*>(fk + s * N) + q;
             const float4* R4 = reinterpret_cast<const float4*>(fr + s * N) + q;
@@ -222,22 +264,21 @@ fwd_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __restrict
                 for (int c = 0; c < 8; c++) acc[rr][c / 4][c % 4] = 0.f;
 #pragma unroll
             for (int e4 = 0; e4 < V4; e4++) {
-                const float4 wv = W4[e4 * P], bv = B4[e4 * P], kv = K4[e4 * P], rv = R4[e4 * P];
-                const float wa[4] = {wv.x, wv.y, wv.z, wv.w}, ba[4] = {bv.x, bv.y, bv.z, bv.w};
-                const float ka[4] = {kv.x, kv.y, kv.z, kv.w}, ra[4] = {rv.x, rv.y, rv.z, rv.w};
+                const float4 bv = B4[e4 * P], kv = K4[e4 * P], rv = R4[e4 * P];
+                const float ba[4] = {bv.x, bv.y, bv.z, bv.w}, ka[4] = {kv.x, kv.y, kv.z, kv.w};
+                const float ra[4] = {rv.x, rv.y, rv.z, rv.w};
 #pragma unroll
                 for (int rr = 0; rr < R; rr++)
 #pragma unroll
                     for (int c = 0; c < 4; c++) {
                         float& x = S[rr][4 * e4 + c];
-                        x = fmaf(x, wa[c], fmaf(sa[rr], ba[c], vv[rr] * ka[c]));
+                        x = fmaf(sa[rr], ba[c], fmaf(vv[rr], ka[c], x));
                         acc[rr][e4 & 1][c] = fmaf(x, ra[c], acc[rr][e4 & 1][c]);
                     }
             }
 #pragma unroll
             for (int rr = 0; rr < R; rr++) {
-                const float yy = group_sum<P>(((acc[rr][0][0] + acc[rr][1][0]) + (acc[rr][0][1] + acc[rr][1][1])) +
-                                              ((acc[rr][0][2] + acc[rr][1][2]) + (acc[rr][0][3] + acc[rr][1][3])));
+                const float yy = group_sum<P>(sum8(acc[rr]));
                 if (q == rr % P && t < T_) {
                     const int64_t o = at_bthn(b, t, h, l0 + rr * L::G + g, T_, H, N);
                     y[o] = from_f32<T>(yy);
@@ -246,6 +287,8 @@ fwd_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __restrict
             }
         }
 
+#pragma unroll
+        for (int rr = 0; rr < R; rr++) scale_line<E, V4, P>(S[rr], fend, q);  // back to S proper
         if (TRAIN) {  // the state after this chunk, stored [j][i] so the column pass reads it as float4
             float* dst = ckpt + (static_cast<int64_t>(bh) * nC + ci) * N * N;
 #pragma unroll
@@ -259,21 +302,19 @@ fwd_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __restrict
     }
 
 #pragma unroll
-    for (int rr = 0; rr < R; rr++) {
-        float* dst = state_out + (static_cast<int64_t>(bh) * N + l0 + rr * L::G + g) * N;
-#pragma unroll
-        for (int e4 = 0; e4 < V4; e4++)
-            *reinterpret_cast<float4*>(dst + L::elem(e4, 0, q)) =
-                make_float4(S[rr][4 * e4], S[rr][4 * e4 + 1], S[rr][4 * e4 + 2], S[rr][4 * e4 + 3]);
-    }
+    for (int rr = 0; rr < R; rr++)
+        store_line<E, V4, P>(S[rr], state_out + (static_cast<int64_t>(bh) * N + l0 + rr * L::G + g) * N, q);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Backward pass 1, over rows of G = dL/dS, backward in time. Writes dv and gb = G_t b_t ([B,T,H,N] fp32, read by
-// pass 2) and the gradient of the initial state. dstate_out (may be null) seeds G.
+// pass 2) and the gradient of the initial state. dstate_out (may be null) seeds G. Rescaled with the products
+// P_s = prod_{s < s' <= 15} decay_{s'} (P_15 = 1), G^_s = G_s / P_s:
+//     G^_s += dy (r / P_s);  dv = G^_s . (k P_s);  gb = G^_s . (b P_s);  G^_{s-1} = G^_s + gb (a / P_{s-1})
+// and G = G^ P_{-1} when the chunk is done.
 
 template <typename T, int N, int P, int R, int LB>
-__global__ void __launch_bounds__(Layout<N, P, R, LB>::NT)
+__global__ void __launch_bounds__(Layout<N, P, R, LB>::NT, Layout<N, P, R, LB>::MIN_BLOCKS)
 bwd_rows_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __restrict__ k, const T* __restrict__ a,
                 const T* __restrict__ bb, const T* __restrict__ dy, const float* __restrict__ dstate_out,
                 T* __restrict__ dv, float* __restrict__ gb_out, float* __restrict__ dstate_in, int B, int T_, int H) {
@@ -284,22 +325,21 @@ bwd_rows_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __res
     const int tid = threadIdx.x, g = tid / P, q = tid % P;
     const int nC = (T_ + CHUNK - 1) / CHUNK;
 
-    // raw[2][6][CHUNK][N] (r, w, k, a, b, dy) then f32[5][CHUNK][N] (r, decay, k, a, b)
+    // raw[2][6][CHUNK][N] (r, w, k, a, b, dy), then f32 [CHUNK][N] each: r / P_s, k P_s, b P_s, a / P_{s-1}; P_{-1}
     extern __shared__ __align__(16) unsigned char smem[];
     T* raw = reinterpret_cast<T*>(smem);
-    float* f32 = reinterpret_cast<float*>(smem + 2 * 6 * CHUNK * N * sizeof(T));
     constexpr int V = CHUNK * N;
-    float *fr = f32, *fw = f32 + V, *fk = f32 + 2 * V, *fa = f32 + 3 * V, *fb = f32 + 4 * V;
+    float* fr = reinterpret_cast<float*>(smem + 2 * 6 * V * sizeof(T));
+    float *fk = fr + V, *fb = fr + 2 * V, *fa = fr + 3 * V, *fend = fr + 4 * V;
 
     float G[R][E];
 #pragma unroll
     for (int rr = 0; rr < R; rr++) {
-        const int64_t row = (static_cast<int64_t>(bh) * N + l0 + rr * L::G + g) * N;
+        if (dstate_out) {
+            load_line<E, V4, P>(G[rr], dstate_out + (static_cast<int64_t>(bh) * N + l0 + rr * L::G + g) * N, q);
+        } else {
 #pragma unroll
-        for (int e4 = 0; e4 < V4; e4++) {
-            float4 u = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (dstate_out) u = *reinterpret_cast<const float4*>(dstate_out + row + L::elem(e4, 0, q));
-            G[rr][4 * e4] = u.x; G[rr][4 * e4 + 1] = u.y; G[rr][4 * e4 + 2] = u.z; G[rr][4 * e4 + 3] = u.w;
+            for (int e = 0; e < E; e++) G[rr][e] = 0.f;
         }
     }
 
@@ -322,13 +362,22 @@ bwd_rows_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __res
         __syncthreads();
         if (ci > 0) issue(ci - 1, buf ^ 1);
         const T* cur = raw + buf * 6 * V;
-        for (int idx = tid; idx < V; idx += NT) {
-            const bool pad = t0 + idx / N >= T_;
-            fr[idx] = to_f32(cur[idx]);
-            fw[idx] = pad ? 1.f : decay_of(to_f32(cur[V + idx]));
-            fk[idx] = to_f32(cur[2 * V + idx]);
-            fa[idx] = to_f32(cur[3 * V + idx]);
-            fb[idx] = to_f32(cur[4 * V + idx]);
+        for (int j = tid; j < N; j += NT) {
+            float dec[CHUNK];
+#pragma unroll
+            for (int s = 0; s < CHUNK; s++) dec[s] = t0 + s < T_ ? decay_of(to_f32(cur[V + s * N + j])) : 1.f;
+            float Pj = 1.f, inv = 1.f;
+#pragma unroll
+            for (int s = CHUNK - 1; s >= 0; s--) {
+                const int o = s * N + j;
+                fr[o] = to_f32(cur[o]) * inv;
+                fk[o] = to_f32(cur[2 * V + o]) * Pj;
+                fb[o] = to_f32(cur[4 * V + o]) * Pj;
+                Pj *= dec[s];
+                inv = __frcp_rn(Pj);
+                fa[o] = to_f32(cur[3 * V + o]) * inv;
+            }
+            fend[j] = Pj;
         }
         __syncthreads();
         const T* cdy = cur + 5 * V;
@@ -341,11 +390,11 @@ bwd_rows_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __res
             const float4* R4 = reinterpret_cast<const float4*>(fr + s * N) + q;
             const float4* K4 = reinterpret_cast<const float4*>(fk + s * N) + q;
             const float4* B4 = reinterpret_cast<const float4*>(fb + s * N) + q;
-            float acc_v[R][4], acc_b[R][4];
+            float acc_v[R][2][4], acc_b[R][2][4];
 #pragma unroll
             for (int rr = 0; rr < R; rr++)
 #pragma unroll
-                for (int c = 0; c < 4; c++) acc_v[rr][c] = acc_b[rr][c] = 0.f;
+                for (int c = 0; c < 8; c++) acc_v[rr][c / 4][c % 4] = acc_b[rr][c / 4][c % 4] = 0.f;
 #pragma unroll
             for (int e4 = 0; e4 < V4; e4++) {
                 const float4 rv = R4[e4 * P], kv = K4[e4 * P], bv = B4[e4 * P];
@@ -357,56 +406,76 @@ bwd_rows_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __res
                     for (int c = 0; c < 4; c++) {
                         float& x = G[rr][4 * e4 + c];
                         x = fmaf(dyv[rr], ra[c], x);
-                        acc_v[rr][c] = fmaf(x, ka[c], acc_v[rr][c]);
-                        acc_b[rr][c] = fmaf(x, ba[c], acc_b[rr][c]);
+                        acc_v[rr][e4 & 1][c] = fmaf(x, ka[c], acc_v[rr][e4 & 1][c]);
+                        acc_b[rr][e4 & 1][c] = fmaf(x, ba[c], acc_b[rr][e4 & 1][c]);
                     }
             }
             float gbv[R];
 #pragma unroll
             for (int rr = 0; rr < R; rr++) {
-                const float dvv = group_sum<P>((acc_v[rr][0] + acc_v[rr][1]) + (acc_v[rr][2] + acc_v[rr][3]));
-                gbv[rr] = group_sum<P>((acc_b[rr][0] + acc_b[rr][1]) + (acc_b[rr][2] + acc_b[rr][3]));
+                const float dvv = group_sum<P>(sum8(acc_v[rr]));
+                gbv[rr] = group_sum<P>(sum8(acc_b[rr]));
                 if (q == rr % P && t < T_) {
                     const int64_t o = at_bthn(b, t, h, l0 + rr * L::G + g, T_, H, N);
                     dv[o] = from_f32<T>(dvv);
                     gb_out[o] = gbv[rr];
                 }
             }
-            const float4* W4 = reinterpret_cast<const float4*>(fw + s * N) + q;
             const float4* A4 = reinterpret_cast<const float4*>(fa + s * N) + q;
 #pragma unroll
             for (int e4 = 0; e4 < V4; e4++) {
-                const float4 wv = W4[e4 * P], av = A4[e4 * P];
-                const float wa[4] = {wv.x, wv.y, wv.z, wv.w}, aa[4] = {av.x, av.y, av.z, av.w};
+                const float4 av = A4[e4 * P];
+                const float aa[4] = {av.x, av.y, av.z, av.w};
 #pragma unroll
                 for (int rr = 0; rr < R; rr++)
 #pragma unroll
-                    for (int c = 0; c < 4; c++) {
-                        float& x = G[rr][4 * e4 + c];
-                        x = fmaf(x, wa[c], gbv[rr] * aa[c]);
-                    }
+                    for (int c = 0; c < 4; c++) G[rr][4 * e4 + c] = fmaf(gbv[rr], aa[c], G[rr][4 * e4 + c]);
             }
         }
+#pragma unroll
+        for (int rr = 0; rr < R; rr++) scale_line<E, V4, P>(G[rr], fend, q);
     }
 
 #pragma unroll
-    for (int rr = 0; rr < R; rr++) {
-        float* dst = dstate_in + (static_cast<int64_t>(bh) * N + l0 + rr * L::G + g) * N;
-#pragma unroll
-        for (int e4 = 0; e4 < V4; e4++)
-            *reinterpret_cast<float4*>(dst + L::elem(e4, 0, q)) =
-                make_float4(G[rr][4 * e4], G[rr][4 * e4 + 1], G[rr][4 * e4 + 2], G[rr][4 * e4 + 3]);
-    }
+    for (int rr = 0; rr < R; rr++)
+        store_line<E, V4, P>(G[rr], dstate_in + (static_cast<int64_t>(bh) * N + l0 + rr * L::G + g) * N, q);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Backward pass 2, over columns j of S and G, backward in time. Lines are keys j, elements are values i.
-// Per step (S = S_t, Gc = dL/dS_t before this step's y term):
+// Plain form per step (S = S_t, Gc = dL/dS_t before this step's y term):
 //   Gc += dy r_j;  dr_j = S.dy;  dk_j = Gc.v;  db_j = Gc.sa;  S <- (S - sa b_j - v k_j) / decay_j  (= S_{t-1});
 //   dw_j = S.Gc (times d decay/d w);  da_j = S.gb;  Gc <- Gc decay_j + gb a_j.
+// Here the decay of a column is one scalar per step, so the rescaling is by scalars: with D_s = prod_{s' > s}
+// decay_{s'} (D_15 = 1), S^ = S D_s and G^ = G / D_s, the updates become pure multiply-adds
+//   G^ += dy (r_j / D_s);  S^ <- S^ - sa (b_j D_s) - v (k_j D_s);  G^ <- G^ + gb (a_j / D_{s-1})
+// and each dot product is rescaled once by a scalar. The exact checkpoint is reloaded at every chunk.
+
+struct ColStep {  // the per-column scalars of one step, read and derived from the raw inputs
+    float r, k, a, b, dec, inv_dec, ddec;
+};
+
+template <typename T>
+__device__ __forceinline__ ColStep col_step(const T* cur, int V, int o, bool pad) {
+    ColStep c;
+    c.r = to_f32(cur[o]);
+    c.k = to_f32(cur[2 * V + o]);
+    c.a = to_f32(cur[3 * V + o]);
+    c.b = to_f32(cur[4 * V + o]);
+    const float sg = sigmoid_f(to_f32(cur[V + o]));
+    c.dec = pad ? 1.f : expf(-DECAY_SCALE * sg);
+    c.inv_dec = pad ? 1.f : expf(DECAY_SCALE * sg);
+    c.ddec = pad ? 0.f : -DECAY_SCALE * c.dec * sg * (1.f - sg);  // d decay / d w
+    return c;
+}
+
+template <typename T, int N>
+constexpr size_t cols_smem() {
+    return 2 * (7 * CHUNK * N * sizeof(T) + 2 * CHUNK * N * sizeof(float)) + 2 * CHUNK * N * sizeof(float);
+}
 
 template <typename T, int N, int P, int R, int LB>
-__global__ void __launch_bounds__(Layout<N, P, R, LB>::NT)
+__global__ void __launch_bounds__(Layout<N, P, R, LB>::NT, Layout<N, P, R, LB>::MIN_BLOCKS)
 bwd_cols_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __restrict__ k, const T* __restrict__ v,
                 const T* __restrict__ a, const T* __restrict__ bb, const T* __restrict__ dy,
                 const float* __restrict__ sa_in, const float* __restrict__ gb_in, const float* __restrict__ ckpt,
@@ -462,12 +531,7 @@ bwd_cols_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __res
         // the exact state after this chunk (loaded before the barrier so its latency overlaps the staging)
         const float* ck = ckpt + (static_cast<int64_t>(bh) * nC + ci) * N * N;
 #pragma unroll
-        for (int rr = 0; rr < R; rr++)
-#pragma unroll
-            for (int e4 = 0; e4 < V4; e4++) {
-                const float4 u = *reinterpret_cast<const float4*>(ck + line[rr] * N + L::elem(e4, 0, q));
-                S[rr][4 * e4] = u.x; S[rr][4 * e4 + 1] = u.y; S[rr][4 * e4 + 2] = u.z; S[rr][4 * e4 + 3] = u.w;
-            }
+        for (int rr = 0; rr < R; rr++) load_line<E, V4, P>(S[rr], ck + line[rr] * N, q);
         if (ci > 0) {
             const float* nk = ck - N * N;
 #pragma unroll
@@ -487,22 +551,32 @@ bwd_cols_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __res
         }
         __syncthreads();
 
+        float Dl[R], invD[R];  // D_s and 1 / D_s per line
+        ColStep nxt[R];
+#pragma unroll
+        for (int rr = 0; rr < R; rr++) {
+            Dl[rr] = invD[rr] = 1.f;
+            nxt[rr] = col_step(cur, V, (CHUNK - 1) * N + line[rr], t0 + CHUNK - 1 >= T_);
+        }
         for (int s = CHUNK - 1; s >= 0; s--) {
             const int t = t0 + s;
-            const bool pad = t >= T_;
-            float rj[R], kj[R], aj[R], bj[R], dec[R], inv[R], ddec[R];
+            ColStep now[R];
+            float rs[R], bs[R], ks[R], as[R], Dn[R], invDn[R];
 #pragma unroll
             for (int rr = 0; rr < R; rr++) {
-                const int o = s * N + line[rr];
-                rj[rr] = to_f32(cur[o]);
-                kj[rr] = to_f32(cur[2 * V + o]);
-                aj[rr] = to_f32(cur[3 * V + o]);
-                bj[rr] = to_f32(cur[4 * V + o]);
-                const float sg = sigmoid_f(to_f32(cur[V + o]));
-                dec[rr] = pad ? 1.f : expf(-DECAY_SCALE * sg);
-                inv[rr] = pad ? 1.f : expf(DECAY_SCALE * sg);
-                ddec[rr] = pad ? 0.f : -DECAY_SCALE * dec[rr] * sg * (1.f - sg);  // d decay / d w
+                now[rr] = nxt[rr];
+                Dn[rr] = Dl[rr] * now[rr].dec;
+                invDn[rr] = invD[rr] * now[rr].inv_dec;
+                rs[rr] = now[rr].r * invD[rr];
+                bs[rr] = now[rr].b * Dl[rr];
+                ks[rr] = now[rr].k * Dl[rr];
+                as[rr] = now[rr].a * invDn[rr];
             }
+            // next step's scalars now, so their latency hides behind this step's element loop
+            const int sp = s > 0 ? s - 1 : 0;
+#pragma unroll
+            for (int rr = 0; rr < R; rr++) nxt[rr] = col_step(cur, V, sp * N + line[rr], t0 + sp >= T_);
+
             const float4* DY4 = reinterpret_cast<const float4*>(fdy + s * N) + q;
             const float4* V4p = reinterpret_cast<const float4*>(fv + s * N) + q;
             const float4* SA4 = reinterpret_cast<const float4*>(csa + s * N) + q;
@@ -524,14 +598,14 @@ bwd_cols_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __res
                         const int ch = c & 1;
                         float& x = S[rr][4 * e4 + c];
                         float& gc = Gc[rr][4 * e4 + c];
-                        gc = fmaf(dya[c], rj[rr], gc);
+                        gc = fmaf(dya[c], rs[rr], gc);
                         acc[rr][0][ch] = fmaf(x, dya[c], acc[rr][0][ch]);
                         acc[rr][1][ch] = fmaf(gc, va[c], acc[rr][1][ch]);
                         acc[rr][2][ch] = fmaf(gc, saa[c], acc[rr][2][ch]);
-                        x = fmaf(-va[c], kj[rr], fmaf(-saa[c], bj[rr], x)) * inv[rr];
+                        x = fmaf(-va[c], ks[rr], fmaf(-saa[c], bs[rr], x));
                         acc[rr][3][ch] = fmaf(x, gc, acc[rr][3][ch]);
                         acc[rr][4][ch] = fmaf(x, gba[c], acc[rr][4][ch]);
-                        gc = fmaf(gc, dec[rr], gba[c] * aj[rr]);
+                        gc = fmaf(gba[c], as[rr], gc);
                     }
             }
 #pragma unroll
@@ -539,19 +613,24 @@ bwd_cols_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __res
                 float out[5];
 #pragma unroll
                 for (int u = 0; u < 5; u++) out[u] = group_sum<P>(acc[rr][u][0] + acc[rr][u][1]);
-                if (q == rr % P && !pad) {
+                if (q == rr % P && t < T_) {
                     const int64_t o = at_bthn(b, t, h, line[rr], T_, H, N);
-                    dr[o] = from_f32<T>(out[0]);
-                    dk[o] = from_f32<T>(out[1]);
-                    db[o] = from_f32<T>(out[2]);
-                    dw[o] = from_f32<T>(out[3] * ddec[rr]);
-                    da[o] = from_f32<T>(out[4]);
+                    dr[o] = from_f32<T>(out[0] * invD[rr]);
+                    dk[o] = from_f32<T>(out[1] * Dl[rr]);
+                    db[o] = from_f32<T>(out[2] * Dl[rr]);
+                    dw[o] = from_f32<T>(out[3] * now[rr].inv_dec * now[rr].ddec);
+                    da[o] = from_f32<T>(out[4] * invDn[rr]);
                 }
+                Dl[rr] = Dn[rr];
+                invD[rr] = invDn[rr];
             }
         }
+#pragma unroll
+        for (int rr = 0; rr < R; rr++)
+#pragma unroll
+            for (int e = 0; e < E; e++) Gc[rr][e] *= Dl[rr];  // G = G^ D_{-1}
     }
 }
-
 // ---------------------------------------------------------------------------------------------------------------
 // One token for each of B sequences, the state rows of a persistent table [S, H, N, N] picked by slots[B]. One
 // block per (sequence, head); a row of S is spread over N/4 lanes (a float4 each) so every state access is a

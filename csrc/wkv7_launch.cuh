@@ -13,15 +13,10 @@ inline cudaError_t allow_smem(K kernel, size_t bytes) {
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
-template <typename T, int N>
-constexpr size_t fwd_smem() { return 2 * 6 * CHUNK * N * sizeof(T) + 5 * CHUNK * N * sizeof(float); }
-template <typename T, int N>
-constexpr size_t cols_smem() { return 2 * (7 * CHUNK * N * sizeof(T) + 2 * CHUNK * N * sizeof(float)) + 2 * CHUNK * N * sizeof(float); }
-
 template <typename T, int N, int P, int R, int LB>
 cudaError_t run_forward(const Inputs<T>& x, const float* s_in, float* s_out, T* y, float* sa, float* ckpt, bool train,
                         cudaStream_t st) {
-    constexpr size_t smem = fwd_smem<T, N>();
+    constexpr size_t smem = line_smem<T, N>();
     const dim3 grid(x.B * x.H, N / LB);
     constexpr int nt = Layout<N, P, R, LB>::NT;
     if (train) {
@@ -41,7 +36,7 @@ cudaError_t run_forward(const Inputs<T>& x, const float* s_in, float* s_out, T* 
 template <typename T, int N, int P, int R, int LB>
 cudaError_t run_rows(const Inputs<T>& x, const T* dy, const float* ds_out, T* dv, float* gb, float* ds_in,
                      cudaStream_t st) {
-    constexpr size_t smem = fwd_smem<T, N>();
+    constexpr size_t smem = line_smem<T, N>();
     auto kern = bwd_rows_kernel<T, N, P, R, LB>;
     cudaError_t e = allow_smem(kern, smem);
     if (e != cudaSuccess) return e;
