@@ -91,7 +91,11 @@ def load_fla():
         return None, None
 
 
-def train_shape(B: int, T: int, H: int, fla_fn, with_torch: bool, sweep: bool, bw: float) -> dict:
+FLA_VARIANTS = {"default": {}, "bounded": {"lower_bound": -DECAY_SCALE}}  # bounded: its chunk-64 tensor-core path
+
+
+def train_shape(B: int, T: int, H: int, fla_fn, fla_variants: list[str], with_torch: bool, sweep: bool,
+                bw: float) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(B * 100003 + T * 31 + H)
     xs = make_inputs(B, T, H, gen)
     dy = torch.randn(B, T, H, N, generator=gen, device="cuda").to(torch.bfloat16)
@@ -143,7 +147,7 @@ def train_shape(B: int, T: int, H: int, fla_fn, with_torch: bool, sweep: bool, b
     if fla_fn is not None:
         w_log = (-DECAY_SCALE * torch.sigmoid(xs[1].float())).to(torch.bfloat16)
         fla_in = [xs[0], w_log, xs[2], xs[3], xs[4], xs[5]]
-        for name, kwargs in (("fla", {}), ("fla_bounded", {"lower_bound": -DECAY_SCALE})):
+        for name, kwargs in ((f"fla_{v}", FLA_VARIANTS[v]) for v in fla_variants):
             try:
                 fla_leaves = [x.detach().requires_grad_() for x in fla_in]
 
@@ -229,6 +233,10 @@ def smoke() -> None:
     print("smoke: every kernel and config ran")
 
 
+def min_or_none(*xs: Optional[float]) -> Optional[float]:
+    return min((x for x in xs if x), default=None)
+
+
 def fmt(x: Optional[float], spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -239,6 +247,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="time every launch config of every pass")
     ap.add_argument("--no-torch", action="store_true", help="skip our PyTorch path")
     ap.add_argument("--no-fla", action="store_true", help="skip flash-linear-attention")
+    ap.add_argument("--fla-variants", default="default,bounded",
+                    help="fla settings to time: default (chunk 16) and/or bounded (lower_bound=-e^-0.5, chunk 64)")
     ap.add_argument("--shapes", default="", help="B,T,H;B,T,H;... (default: the issue's six)")
     ap.add_argument("--smoke", action="store_true", help="only launch every kernel once on small shapes")
     args = ap.parse_args()
@@ -256,35 +266,45 @@ def main() -> None:
            "python": platform.python_version(), "copy_bandwidth_GBps": bw / 1e9}
     print(json.dumps(env))
 
-    results = []
+    variants = [v for v in args.fla_variants.split(",") if v]
+    unknown = set(variants) - set(FLA_VARIANTS)
+    if unknown:
+        raise SystemExit(f"--fla-variants: unknown {sorted(unknown)}; expected some of {sorted(FLA_VARIANTS)}")
+
+    def save(results: list, decode: list) -> None:
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"env": env, "train": results, "decode": decode}, indent=1))
+
+    results: list = []
     for B, T, H in shapes:
         t0 = time.perf_counter()
-        row = train_shape(B, T, H, fla_fn, not args.no_torch, args.sweep, bw)
+        row = train_shape(B, T, H, fla_fn, variants, not args.no_torch, args.sweep, bw)
         results.append(row)
+        save(results, [])
         print(f"# ({B},{T},{H}) done in {time.perf_counter() - t0:.1f}s: {json.dumps(row)}", flush=True)
     decode = decode_sweep(bw)
+    save(results, decode)
 
     print(f"\nWKV-7 fwd / fwd+bwd, bf16, N={N}, {env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}, "
           f"fla {fla_version}, copy {bw / 1e9:.0f} GB/s")
     head = (f"{'B,T,H':>12} | {'ours fwd':>8} {'fwd+bwd':>8} {'Mtc/s':>7} {'%BW':>5} {'peak GB':>7} | "
-            f"{'fla fwd':>8} {'fwd+bwd':>8} {'bounded':>8} | {'x fla':>6} | {'torch f+b':>9}")
+            f"{'fla fwd':>8} {'default':>8} {'bounded':>8} | {'x fla':>6} | {'torch f+b':>9}")
     print(head)
     print("-" * len(head))
     for row in results:
-        o, f, fb, tp = row["ours"], row.get("fla", {}), row.get("fla_bounded", {}), row.get("torch", {})
-        best = min((x for x in (f.get("fwd_bwd_ms"), fb.get("fwd_bwd_ms")) if x), default=None)
+        o, f, fb, tp = row["ours"], row.get("fla_default", {}), row.get("fla_bounded", {}), row.get("torch", {})
+        best = min_or_none(f.get("fwd_bwd_ms"), fb.get("fwd_bwd_ms"))
         ratio = best / o["fwd_bwd_ms"] if best else None
         print(f"{row['B']:>3},{row['T']:>5},{row['H']:>2} | {fmt(o['fwd_ms'])} {fmt(o['fwd_bwd_ms'])} "
               f"{fmt(o['fwd_bwd_Mtc_per_s'], '.0f'):>7} {fmt(o['fwd_bwd_pct_bw'], '.1f'):>5} "
-              f"{fmt(o['peak_bytes'] / 1e9, '.2f'):>7} | {fmt(f.get('fwd_ms')):>8} {fmt(f.get('fwd_bwd_ms')):>8} "
+              f"{fmt(o['peak_bytes'] / 1e9, '.2f'):>7} | {fmt(min_or_none(f.get('fwd_ms'), fb.get('fwd_ms'))):>8} "
+              f"{fmt(f.get('fwd_bwd_ms')):>8} "
               f"{fmt(fb.get('fwd_bwd_ms')):>8} | {fmt(ratio, '.2f'):>6} | {fmt(tp.get('fwd_bwd_ms'), '.1f'):>9}")
     print(f"\ndecode step, H=64 N=64 (C=4096), fp32 state, bf16 inputs")
     print(f"{'batch':>6} {'ms':>8} {'GB/s':>7} {'%BW':>5} {'torch ms':>9}")
     for d in decode:
         print(f"{d['batch']:>6} {d['ms']:>8.4f} {d['GB_per_s']:>7.0f} {d['pct_bw']:>5.1f} {d['torch_ms']:>9.4f}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"env": env, "train": results, "decode": decode}, indent=1))
 
 
 if __name__ == "__main__":
