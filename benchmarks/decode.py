@@ -123,8 +123,12 @@ def bench_engine(model, cfg, device, batch: int, steps: int, graphs: bool) -> fl
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
+        deadline = time.perf_counter() + 120
+
         def wait_steps(n):
             while engine.steps["decode"] < n:
+                if time.perf_counter() > deadline or engine.error or any(h.done for h in handles):
+                    raise RuntimeError(f"engine stalled or failed at batch {batch}: {engine.error or 'see log'}")
                 time.sleep(0.0002)
             return time.perf_counter(), engine.tokens_decoded
 
@@ -176,7 +180,11 @@ def main(argv=None) -> int:
         for b in batches:
             row = bench_step(model, cfg, device, dtype, b, args.steps, not args.no_graphs)
             if not args.no_engine:
-                row["engine_tok_s"] = bench_engine(model, cfg, device, b, args.steps, not args.no_graphs)
+                try:
+                    row["engine_tok_s"] = bench_engine(model, cfg, device, b, args.steps, not args.no_graphs)
+                except RuntimeError as e:
+                    row["engine_error"] = str(e)
+                    print(e, flush=True)
             rows.append(row)
             print(f"{b:>6} {row['model_tok_s']:>12,.0f} {row.get('graph_tok_s', float('nan')):>12,.0f} "
                   f"{row.get('engine_tok_s', float('nan')):>13,.0f} {row.get('graph_max_abs_diff', float('nan')):>15.2e}",

@@ -218,6 +218,8 @@ def test_decode_first_alternates_and_prefill_first_drains_prompts():
     assert Scheduler(4, True).next_step([], dec).seqs == dec
     assert Scheduler(4, False).next_step([_Seq(2)], []).chunk_len == 2
     assert Scheduler(4, True).next_step([], []) is None
+    capped = Scheduler(4, decode_first=False, max_prefill_rows=1).next_step(pre, dec)
+    assert capped.seqs == [pre[0]]
 
 
 # ----------------------------------------------------------------------------------------------- chat, protocol

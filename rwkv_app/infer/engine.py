@@ -30,6 +30,7 @@ from rwkv_app.infer.textstream import Piece, TextStream
 log = logging.getLogger(__name__)
 
 OUTPUT_BUFFER = 64  # events a handle holds before its sequences pause
+PREFILL_STATE_BYTES = 2 << 30  # a prefill copies its rows' states (twice, transiently): bound the rows it takes
 EOD = 0  # token 0 ends a document: generating it ends the sequence
 
 
@@ -198,7 +199,8 @@ class Engine:
         self.state = RWKV7State.zeros(cfg, max_batch_size + 1, self.device, self.dtype)
         self._fresh = RWKV7State.zeros(cfg, 1, self.device, self.dtype)
         self.sampler = Sampler(max_batch_size, cfg.vocab_size, tokenizer.vocab_size, self.device)
-        self.scheduler = Scheduler(paragraph_len, decode_first)
+        per_seq = self.state.wkv[:, 0].nbytes + self.state.att_shift[:, 0].nbytes * 2  # bytes of one state
+        self.scheduler = Scheduler(paragraph_len, decode_first, max(1, PREFILL_STATE_BYTES // per_seq))
         self._decode_step = lambda tokens, slots: self.model.decode_step(tokens, self.state, slots)
         if cuda_graphs and self.device.type == "cuda":
             from rwkv_app.infer.cudagraph import GraphedDecode

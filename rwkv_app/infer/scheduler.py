@@ -4,7 +4,8 @@ Pure decisions over the engine's queues (no tensors, no threads), so the policy 
 - Admission is first come, first served: a request needs one free state slot per choice (`n`), and a request that
   does not fit yet blocks the ones behind it (no starvation of large `n`).
 - Prefill runs in chunks of at most `paragraph_len` tokens; sequences whose next chunk has the same length share one
-  batched call, led by the oldest.
+  batched call (at most `max_prefill_rows` of them: a prefill holds temporary copies of their states), led by the
+  oldest.
 - `decode_first = true`: when sequences wait for both, decode steps and prefill chunks alternate, so a long prompt
   never stalls the running streams for more than one chunk. `decode_first = false`: prompts first (lower time to
   first token), decode once no prompt is left.
@@ -39,9 +40,10 @@ class Step:
 
 
 class Scheduler:
-    def __init__(self, paragraph_len: int, decode_first: bool):
+    def __init__(self, paragraph_len: int, decode_first: bool, max_prefill_rows: int = 1 << 30):
         self.paragraph_len = paragraph_len
         self.decode_first = decode_first
+        self.max_prefill_rows = max_prefill_rows
         self._last: str = "prefill"
 
     @staticmethod
@@ -65,4 +67,5 @@ class Scheduler:
         self._last = "prefill"
         chunk = min(self.paragraph_len, prefilling[0].prefill_remaining)
         group = [s for s in prefilling if min(self.paragraph_len, s.prefill_remaining) == chunk]
+        group = group[:self.max_prefill_rows]
         return Step("prefill", group, chunk)

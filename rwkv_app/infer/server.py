@@ -358,11 +358,9 @@ class InferServer:
         self.m_generated.inc(completion_tokens, model=model)
 
     @staticmethod
-    def _sse(obj: Union[BaseModel, dict]) -> str:
-        data = obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
-        for choice in data.get("choices", []):
-            if "delta" in choice:  # a delta only carries what changed
-                choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+    def _sse(data: dict) -> str:
+        """One SSE event. Chunks are plain dicts (the schema is `protocol.ChatCompletionChunk` / `Completion`):
+        building pydantic models per token costs more than the decode step at high concurrency."""
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     def _stream(self, body: AsyncIterator[str], route: str) -> StreamingResponse:
@@ -483,16 +481,22 @@ class InferServer:
 
     async def _chat_stream(self, req: P.ChatCompletionRequest, served: ServedModel, job: _Job, event: asyncio.Event,
                            rid: str, created: int, t0: float) -> AsyncIterator[str]:
-        def chunk(choices: list[P.ChatChunkChoice], usage: Optional[P.Usage] = None) -> str:
-            return self._sse(P.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=choices,
-                                                   usage=usage))
+        def chunk(choices: list[dict], usage: Optional[P.Usage] = None) -> str:
+            data = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                    "choices": choices}
+            if req.include_usage:  # null on every chunk but the last
+                data["usage"] = usage.model_dump() if usage else None
+            return self._sse(data)
+
+        def choice(index: int, delta: dict, finish_reason: Optional[str] = None, logprobs: Any = None) -> dict:
+            return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
 
         used = [0] * req.n
         try:
-            yield chunk([P.ChatChunkChoice(index=i, delta=P.Delta(role="assistant", content="")) for i in range(req.n)])
+            yield chunk([choice(i, {"role": "assistant", "content": ""}) for i in range(req.n)])
             if job.handle is None:  # nothing to generate (a budget of 0)
                 for i in range(req.n):
-                    yield chunk([P.ChatChunkChoice(index=i, delta=P.Delta(), finish_reason="length")])
+                    yield chunk([choice(i, {}, "length")])
             async for batch in self._events([job], event, t0, req.model):
                 if batch is None:
                     yield ": keep-alive\n\n"
@@ -501,12 +505,12 @@ class InferServer:
                     if out.error:
                         raise RuntimeError(out.error)
                     used[out.choice] = max(used[out.choice], out.completion_tokens)
-                    lp = P.ChoiceLogprobs(content=self._chat_logprobs(served, out.pieces)) if req.logprobs else None
                     if out.pieces:
-                        yield chunk([P.ChatChunkChoice(index=out.choice, delta=P.Delta(content=out.text), logprobs=lp)])
+                        lp = P.ChoiceLogprobs(content=self._chat_logprobs(served, out.pieces)).model_dump() \
+                            if req.logprobs else None
+                        yield chunk([choice(out.choice, {"content": out.text}, None, lp)])
                     if out.finish_reason:
-                        yield chunk([P.ChatChunkChoice(index=out.choice, delta=P.Delta(),
-                                                       finish_reason=out.finish_reason)])
+                        yield chunk([choice(out.choice, {}, out.finish_reason)])
             self._count(req.model, len(job.prompt), sum(used))
             if req.include_usage:
                 yield chunk([], P.Usage.of(len(job.prompt), sum(used)))
@@ -564,8 +568,14 @@ class InferServer:
     async def _completion_stream(self, req: P.CompletionRequest, served: ServedModel, jobs: list[_Job],
                                  event: asyncio.Event, rid: str, created: int, t0: float,
                                  prompt_tokens: int) -> AsyncIterator[str]:
-        def chunk(choices: list[P.CompletionChoice], usage: Optional[P.Usage] = None) -> str:
-            return self._sse(P.Completion(id=rid, created=created, model=req.model, choices=choices, usage=usage))
+        def chunk(choices: list[dict], usage: Optional[P.Usage] = None) -> str:
+            data = {"id": rid, "object": "text_completion", "created": created, "model": req.model, "choices": choices}
+            if req.include_usage:
+                data["usage"] = usage.model_dump() if usage else None
+            return self._sse(data)
+
+        def choice(index: int, text: str, finish_reason: Optional[str], logprobs: Any = None) -> dict:
+            return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
 
         n = req.n
         used: dict[int, int] = {}
@@ -574,9 +584,9 @@ class InferServer:
             for j, job in enumerate(jobs):
                 for i in range(n):
                     if job.echo:
-                        yield chunk([P.CompletionChoice(index=j * n + i, text=job.echo, finish_reason=None)])
+                        yield chunk([choice(j * n + i, job.echo, None)])
                     if job.handle is None:
-                        yield chunk([P.CompletionChoice(index=j * n + i, text="", finish_reason="length")])
+                        yield chunk([choice(j * n + i, "", "length")])
             async for batch in self._events(jobs, event, t0, req.model):
                 if batch is None:
                     yield ": keep-alive\n\n"
@@ -588,11 +598,10 @@ class InferServer:
                     used[index] = max(used.get(index, 0), out.completion_tokens)
                     lp = None
                     if req.logprobs is not None:
-                        lp = self._completion_logprobs(served, out.pieces, offsets[index])
+                        lp = self._completion_logprobs(served, out.pieces, offsets[index]).model_dump()
                         offsets[index] += len(out.text)
                     if out.pieces or out.finish_reason:
-                        yield chunk([P.CompletionChoice(index=index, text=out.text, finish_reason=out.finish_reason,
-                                                        logprobs=lp)])
+                        yield chunk([choice(index, out.text, out.finish_reason, lp)])
             self._count(req.model, prompt_tokens, sum(used.values()))
             if req.include_usage:
                 yield chunk([], P.Usage.of(prompt_tokens, sum(used.values())))

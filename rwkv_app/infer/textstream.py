@@ -33,6 +33,8 @@ class TextStream:
         if self._stopped:
             return [], True
         piece.text = self._decoder.push(piece.token)
+        if not self._stops:
+            return [piece], False  # nothing to hold back for
         self._held.append(piece)
         self._held_text += piece.text
         return self._release(final=False)
