@@ -67,7 +67,7 @@ def _blocks(x: torch.Tensor, chunk: int, pad: int) -> torch.Tensor:
     B, T, H, N = x.shape
     if pad:
         x = F.pad(x, (0, 0, 0, 0, 0, pad))
-    return x.view(B, (T + pad) // chunk, chunk, H, N).permute(1, 0, 3, 2, 4).contiguous()
+    return x.reshape(B, (T + pad) // chunk, chunk, H, N).permute(1, 0, 3, 2, 4).contiguous()
 
 
 def wkv7_chunked(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
