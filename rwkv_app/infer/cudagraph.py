@@ -28,6 +28,14 @@ class GraphedDecode:
         self._pool = None
         self.disabled: Optional[str] = None  # why graphs are off (capture failed): eager from then on
 
+    def capture_all(self) -> None:
+        """Capture every bucket now (at load time) rather than on the first batch of each size."""
+        for b in self.buckets:
+            if self.disabled:
+                return
+            if b not in self._graphs:
+                self._capture(b)
+
     def __call__(self, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """tokens, slots [B] on the device -> logits [B, V], exactly what `model.decode_step` returns."""
         B = tokens.shape[0]

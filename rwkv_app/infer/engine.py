@@ -302,6 +302,9 @@ class Engine:
     def _run(self) -> None:
         try:
             with torch.inference_mode():
+                capture_all = getattr(self._decode_step, "capture_all", None)
+                if capture_all is not None:
+                    capture_all()  # before the first request, so no request waits for a capture
                 while self._iterate():
                     pass
         except Exception as e:  # a bug or a device failure: report it, end every request, refuse new ones
