@@ -164,25 +164,33 @@ def main() -> int:
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
     results: dict = {"env": env, "throughput": [], "loss_check": None}
     for name in args.cases.split(","):
-        try:
-            row = throughput(name, CASES[name], args.strategy, args.steps, args.warmup)
-        except Exception as e:  # one failing case (out of memory, a compile error) must not hide the others
-            row = {"case": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
-            torch.cuda.empty_cache()
-        results["throughput"].append(row)
-        if rank == 0:
-            print(json.dumps(row), flush=True)
+        spec = dict(CASES[name])
+        while True:
+            try:
+                row = throughput(name, spec, args.strategy, args.steps, args.warmup)
+            except Exception as e:  # one failing case (out of memory, a compile error) must not hide the others
+                row = {"case": name, "batch_per_gpu": spec["batch"],
+                       "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+                torch.cuda.empty_cache()
+            results["throughput"].append(row)
+            if rank == 0:
+                print(json.dumps(row), flush=True)
+            if "out of memory" not in row.get("error", "") or spec["batch"] == 1:
+                break
+            spec["batch"] //= 2  # then try half the batch
     if not args.no_check and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         results["loss_check"] = loss_check(args.check_steps, 512, 8)
         print(json.dumps(results["loss_check"]), flush=True)
     if rank == 0:
         print(f"\n{env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}")
-        print(f"{'case':<18}{'gpus':>5}{'strategy':>20}{'tok/s':>12}{'MFU':>8}{'step ms':>10}{'peak GiB':>10}  wkv")
+        print(f"{'case':<18}{'gpus':>5}{'batch':>6}{'strategy':>20}{'tok/s':>12}{'MFU':>8}{'step ms':>10}"
+              f"{'peak GiB':>10}  wkv")
         for r in results["throughput"]:
             if "error" in r:
-                print(f"{r['case']:<18} {r['error']}")
+                print(f"{r['case']:<18} batch {r['batch_per_gpu']}: {r['error'][:100]}")
                 continue
-            print(f"{r['case']:<18}{r['gpus']:>5}{r['strategy']:>20}{r['tokens_per_s']:>12,.0f}{r['mfu']:>8.1%}"
+            print(f"{r['case']:<18}{r['gpus']:>5}{r['batch_per_gpu']:>6}{r['strategy']:>20}{r['tokens_per_s']:>12,.0f}"
+                  f"{r['mfu']:>8.1%}"
                   f"{r['step_ms']:>10.1f}{r['peak_gib']:>10.1f}  {r['wkv']}")
         check = results["loss_check"]
         if check:

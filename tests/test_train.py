@@ -17,7 +17,7 @@ from torch import nn
 from rwkv_app.config import TrainConfig, validate
 from rwkv_app.data.binidx import write_tokens
 from rwkv_app.errors import UserError
-from rwkv_app.train.optim import L2Wrap, learning_rate, lm_loss, param_groups
+from rwkv_app.train.optim import LMLoss, learning_rate, lm_loss, param_groups
 from rwkv_app.train.run import RunDir, parse_step, sorted_by_step
 from rwkv_app.train.trainer import Plan, train
 
@@ -120,21 +120,25 @@ def test_learning_rate_schedule():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
-def test_l2wrap_adds_the_argmax_push_and_keeps_the_loss():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_is_cross_entropy_and_l2wrap_pushes_the_argmax(dtype, monkeypatch):
+    monkeypatch.setattr(LMLoss, "ROWS", 4)  # several slices: 2 x 5 = 10 rows
     torch.manual_seed(0)
-    logits = torch.randn(2, 3, 7, requires_grad=True)
-    targets = torch.randint(0, 7, (2, 3))
+    logits = (torch.randn(2, 5, 7) * 3).to(dtype).requires_grad_(True)
+    targets = torch.randint(0, 7, (2, 5))
     loss = lm_loss(logits, targets)
-    plain = nn.functional.cross_entropy(logits.detach().flatten(0, 1), targets.flatten())
-    assert loss.item() == pytest.approx(plain.item())
+    ref = logits.detach().double().requires_grad_(True)
+    plain = nn.functional.cross_entropy(ref.flatten(0, 1), targets.flatten())
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(plain.item(), rel=1e-6)
     (loss * 0.5).backward()
-    ref = logits.detach().clone().requires_grad_(True)
-    (nn.functional.cross_entropy(ref.flatten(0, 1), targets.flatten()) * 0.5).backward()
+    (plain * 0.5).backward()
     extra = torch.zeros_like(ref)
     top, where = ref.detach().max(-1, keepdim=True)
-    extra.scatter_(-1, where, top * 1e-4 / 6 * 0.5)
-    torch.testing.assert_close(logits.grad, ref.grad + extra)
-    assert L2Wrap.apply(plain, logits).item() == plain.item()
+    extra.scatter_(-1, where, top * 1e-4 / 10 * 0.5)  # max_logit * 1e-4 / (B*T), scaled like the loss
+    assert logits.grad.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(logits.grad.double(), ref.grad + extra, rtol=tol, atol=tol * 1e-2)
+    assert not torch.allclose(ref.grad, ref.grad + extra)
 
 
 def test_plan_counts_steps_and_refuses_a_batch_that_does_not_divide(tmp_path):

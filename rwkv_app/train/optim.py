@@ -60,26 +60,47 @@ def set_learning_rate(param_groups_: Iterable[dict], lr: float) -> None:
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
-class L2Wrap(torch.autograd.Function):
-    """Returns `loss` unchanged; in backward adds max_logit * 1e-4 / (B*T) at each position's argmax logit, which
-    keeps the logits from drifting large (RWKV-LM). The extra gradient is scaled like the loss's own."""
+class LMLoss(torch.autograd.Function):
+    """Mean next-token cross entropy with RWKV-LM's L2Wrap, computed in fp32 a slice of rows at a time.
+
+    L2Wrap leaves the loss unchanged and adds max_logit * 1e-4 / (B*T) to the gradient of each position's argmax
+    logit, which keeps the logits from drifting large. Working in slices keeps the extra memory at two fp32 slices
+    (plus the gradient in the logits' dtype) instead of several fp32 copies of the whole [B*T, V] logits, which at
+    V = 65536 are the largest tensors of a training step.
+    """
+
+    ROWS = 4096  # rows per slice: 4096 x 65536 fp32 = 1 GiB
 
     @staticmethod
-    def forward(ctx, loss: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:  # logits [B, T, V]
-        ctx.save_for_backward(logits)
-        return loss
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # logits [N, V], targets [N]
+        n = logits.shape[0]
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)  # log-sum-exp per row
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for s in range(0, n, LMLoss.ROWS):
+            part = logits[s:s + LMLoss.ROWS].float()
+            lse[s:s + LMLoss.ROWS] = torch.logsumexp(part, dim=-1)
+            picked = part.gather(1, targets[s:s + LMLoss.ROWS, None]).squeeze(1)
+            total += (lse[s:s + LMLoss.ROWS] - picked).sum()
+        ctx.save_for_backward(logits, targets, lse)
+        return total / n
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        (logits,) = ctx.saved_tensors
-        factor = 1e-4 / (logits.shape[0] * logits.shape[1])
-        top, where = logits.max(dim=-1, keepdim=True)  # [B, T, 1]
-        extra = torch.zeros_like(logits)
-        extra.scatter_(-1, where, top * factor)
-        return grad_output, extra * grad_output
+        logits, targets, lse = ctx.saved_tensors
+        n = logits.shape[0]
+        grad = torch.empty_like(logits)
+        scale = grad_output.float() / n
+        for s in range(0, n, LMLoss.ROWS):
+            part = logits[s:s + LMLoss.ROWS].float()
+            g = torch.exp(part - lse[s:s + LMLoss.ROWS, None])  # softmax
+            rows = torch.arange(g.shape[0], device=g.device)
+            g[rows, targets[s:s + LMLoss.ROWS]] -= 1.0
+            top, where = part.max(dim=-1, keepdim=True)
+            g.scatter_add_(-1, where, top * 1e-4)  # L2Wrap, scaled like the loss below
+            grad[s:s + LMLoss.ROWS] = (g * scale).to(grad.dtype)
+        return grad, None
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy (fp32) with L2Wrap attached. logits [B, T, V], targets [B, T]."""
-    loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-    return L2Wrap.apply(loss, logits)
+    """Mean next-token cross entropy (fp32) with L2Wrap. logits [B, T, V], targets [B, T]."""
+    return LMLoss.apply(logits.flatten(0, 1), targets.flatten())
