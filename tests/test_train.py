@@ -141,6 +141,17 @@ def test_loss_is_cross_entropy_and_l2wrap_pushes_the_argmax(dtype, monkeypatch):
     assert not torch.allclose(ref.grad, ref.grad + extra)
 
 
+def test_build_model_options(tmp_path):
+    from rwkv_app.train.trainer import build_model
+    import torch._dynamo as dynamo
+
+    cfg = tiny_config(tmp_path, compile=True, grad_checkpoint=True, model={"num_cells": 6})
+    model = build_model(cfg.arch, cfg)
+    assert model.training and model.grad_checkpoint and dynamo.config.recompile_limit >= 12
+    again = build_model(cfg.arch, cfg)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
 def test_plan_counts_steps_and_refuses_a_batch_that_does_not_divide(tmp_path):
     cfg = tiny_config(tmp_path, num_dataset_repeats=2.5, gradient_accumulation_steps=2)
     plan = Plan.of(cfg, dataset_tokens=1000, world_size=1)

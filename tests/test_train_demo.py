@@ -40,7 +40,7 @@ def rwkv_train(*args: str) -> subprocess.CompletedProcess:
 def test_demo_config_is_the_documented_run():
     cfg = load_train_config(REPO / "config", "demo")
     assert cfg.run_dir == REPO / "runs" / "demo" and cfg.arch.vocab_size == 1024
-    plan = Plan.of(cfg, dataset_tokens=173_327, world_size=1)
+    plan = Plan.of(cfg, dataset_tokens=173_504, world_size=1)
     assert (plan.total_steps, plan.steps_per_mini_epoch) == (424, 40)
 
 
@@ -52,7 +52,7 @@ def test_rwkv_train_demo_prepares_the_data_learns_and_saves(tmp_path):
     assert f"stopped at step {DEMO_STEPS}/424" in done.stderr
 
     data = open_tokens(tmp_path / "data" / "demo" / "stories")
-    assert len(data) == 173_327 and data.num_documents == 1600
+    assert len(data) == 173_504 and data.num_documents == 1600
     entropy = unigram_entropy(np.asarray(data.tokens))
     run = tmp_path / "runs" / "demo"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

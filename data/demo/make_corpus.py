@@ -153,7 +153,9 @@ def build_vocab(texts: list[str], size: int) -> list[bytes]:
     words: collections.Counter = collections.Counter()
     pairs: collections.Counter = collections.Counter()
     for text in texts:
-        pieces = re.findall(r" ?[A-Za-z]+|[.,!?:\"]+ ?|\n+", text)
+        # a space always starts the next word's token (" Once"), never ends punctuation, so a prompt that ends
+        # with "Assistant:" stops on a token boundary the model has seen in training
+        pieces = re.findall(r" ?[A-Za-z]+|[.,!?:\"]+|\n+", text)
         words.update(pieces)
         pairs.update(a + b for a, b in zip(pieces, pieces[1:]) if b.startswith(" ") and a[-1:].isalpha())
     have = set(tokens)

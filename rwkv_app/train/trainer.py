@@ -105,13 +105,12 @@ def build_model(arch: ModelConfig, cfg: TrainConfig, init_weights: Optional[str]
         model.init_weights(cfg.random_seed)
     model.grad_checkpoint = cfg.grad_checkpoint
     if cfg.compile:
-        import torch._dynamo
+        import torch._dynamo as dynamo
 
         # blocks differ in static attributes (layer index), so each is its own compiled variant of one function
-        limit = max(torch._dynamo.config.recompile_limit, 2 * len(model.blocks))
-        torch._dynamo.config.recompile_limit = limit
-        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
-                                                               4 * limit)
+        limit = max(dynamo.config.recompile_limit, 2 * len(model.blocks))
+        dynamo.config.recompile_limit = limit
+        dynamo.config.accumulated_recompile_limit = max(dynamo.config.accumulated_recompile_limit, 4 * limit)
         for block in model.blocks:
             block.compile()
     return model.train()
