@@ -38,8 +38,10 @@ int choose_config(Pass pass, int heads, int N, int sms) {
     if (N == 64) {
         // Measured on an H100 (132 SMs), see benchmarks/RESULTS.md: with two warps per head already filling the
         // GPU (512 heads), one full line per thread (cols) or two half lines (forward, rows) is fastest; below that
-        // (384 heads and fewer) two lanes per line with 128-thread blocks wins every pass.
+        // (384 heads and fewer) two lanes per line with 128-thread blocks wins, except that the column pass of very
+        // few heads (64) does better with eight lanes per line.
         if (2LL * heads >= 7LL * sms) return pass == Pass::Cols ? 0 : 1;
+        if (pass == Pass::Cols && 4LL * heads < 3LL * sms) return 4;
         return 2;
     }
     // Other head sizes: the fewest threads per line that still puts about five warps on every multiprocessor.
