@@ -174,7 +174,7 @@ class Registry:
         self.last_reload: dict[str, Any] = {"ok": None, "error": None, "at": None, "source": None}
         self.reloads = {"ok": 0, "failed": 0}
         self._file_hash = _hash_file(self.toml_path)
-        self._lock = threading.Lock()  # one reload at a time
+        self._lock = threading.RLock()  # one reload (and one read-modify-write of the file) at a time
 
     # ---- serving
     def get(self, name: str) -> Optional[ServedModel]:
@@ -281,6 +281,10 @@ class Registry:
     # ---- the file on disk
     def reload_from_disk(self) -> Optional[ReloadResult]:
         """The watcher's entry: None when the file's bytes did not change since the last load or write."""
+        with self._lock:
+            return self._reload_from_disk_locked()
+
+    def _reload_from_disk_locked(self) -> Optional[ReloadResult]:
         digest = _hash_file(self.toml_path)
         if digest is None or digest == self._file_hash:
             return None
@@ -294,6 +298,10 @@ class Registry:
 
     def admin_reload(self, upsert: list[dict], remove: list[str], dry_run: bool) -> ReloadResult:
         """rwkv-rs's admin reload on the TOML's raw tables; the file is rewritten atomically once the swap succeeded."""
+        with self._lock:
+            return self._admin_reload_locked(upsert, remove, dry_run)
+
+    def _admin_reload_locked(self, upsert: list[dict], remove: list[str], dry_run: bool) -> ReloadResult:
         raw = read_toml(self.toml_path, self._shown)
         raw_models = [m for m in raw.get("models", []) if isinstance(m, dict)]
         trusted = {k: {m[k] for m in raw_models if isinstance(m.get(k), str)} for k in PATH_KEYS}
