@@ -185,8 +185,8 @@ class _Seq:
 class Engine:
     """A model replica: `max_batch_size` state slots decoded together on `device` by a worker thread."""
 
-    def __init__(self, model: torch.nn.Module, model_cfg: ModelConfig, tokenizer: Any, *, max_batch_size: int, max_context_len: int,
-                 paragraph_len: int, decode_first: bool, max_queued: int, cuda_graphs: bool = True,
+    def __init__(self, model: torch.nn.Module, model_cfg: ModelConfig, tokenizer: Any, *, max_batch_size: int,
+                 max_context_len: int, paragraph_len: int, decode_first: bool, max_queued: int, cuda_graphs: bool = True,
                  name: str = "engine"):
         from rwkv_app.model.rwkv7 import RWKV7State
 

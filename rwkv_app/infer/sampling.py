@@ -141,7 +141,8 @@ class Sampler:
         cdf = probs.double().cumsum(dim=-1)
         pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=cdf.shape[-1] - 1)
         # A zero-probability token can only be hit through rounding at the top end; step back onto a real one.
-        pick = torch.where(probs.gather(1, pick) > 0, pick, (cdf < cdf[:, -1:]).sum(-1, keepdim=True).clamp(max=cdf.shape[-1] - 1))
+        last_real = (cdf < cdf[:, -1:]).sum(-1, keepdim=True).clamp(max=cdf.shape[-1] - 1)
+        pick = torch.where(probs.gather(1, pick) > 0, pick, last_real)
         return (order.gather(1, pick) if order is not None else pick).squeeze(1)
 
     def _count(self, slots: list[int], tokens: list[int], decays: list[float]) -> None:

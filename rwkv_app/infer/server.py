@@ -153,15 +153,21 @@ class InferServer:
         self.m_generated = m.add(Counter("rwkv_generation_tokens_total", "tokens generated"))
         self.m_ttft = m.add(Histogram("rwkv_time_to_first_token_seconds", "request arrival to first token",
                                       [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]))
-        m.add(Gauge("rwkv_queue_depth", "requests waiting for a slot", per_model(lambda s: sum(e.queued for e in s.engines))))
-        m.add(Gauge("rwkv_active_slots", "state slots in use", per_model(lambda s: sum(e.active_slots for e in s.engines))))
+        def active(s: ServedModel) -> int:
+            return sum(e.active_slots for e in s.engines)
+
+        m.add(Gauge("rwkv_queue_depth", "requests waiting for a slot",
+                    per_model(lambda s: sum(e.queued for e in s.engines))))
+        m.add(Gauge("rwkv_active_slots", "state slots in use", per_model(active)))
         m.add(Gauge("rwkv_batch_occupancy", "state slots in use / slots",
-                    per_model(lambda s: sum(e.active_slots for e in s.engines) / sum(e.max_batch_size for e in s.engines))))
-        m.add(Gauge("rwkv_model_healthy", "1 while every replica of the model runs", per_model(lambda s: float(s.healthy))))
+                    per_model(lambda s: active(s) / sum(e.max_batch_size for e in s.engines))))
+        m.add(Gauge("rwkv_model_healthy", "1 while every replica of the model runs",
+                    per_model(lambda s: float(s.healthy))))
         m.add(Gauge("rwkv_engine_steps", "engine steps by kind (prefill chunks, decode steps)",
                     lambda: {(("kind", k), ("model", n)): sum(e.steps[k] for e in s.engines)
                              for n, s in reg.snapshot.items() for k in ("prefill", "decode")}))
-        m.add(Gauge("rwkv_reloads", "model reloads by result", lambda: {(("result", k),): v for k, v in reg.reloads.items()}))
+        m.add(Gauge("rwkv_reloads", "model reloads by result",
+                    lambda: {(("result", k),): v for k, v in reg.reloads.items()}))
         m.add(Gauge("rwkv_last_reload_ok", "1 if the last reload succeeded, 0 if it failed (old models kept)",
                     lambda: {(): float(reg.last_reload["ok"])} if reg.last_reload["ok"] is not None else {}))
 
@@ -169,14 +175,19 @@ class InferServer:
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="rwkv-infer", lifespan=self._lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
+        routes = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/tokenize",
+                  "/detokenize", "/admin/models/reload"}
+
         @app.exception_handler(P.APIError)
         async def _api_error(request: Request, e: P.APIError):
-            self.m_requests.inc(route=request.url.path, status=str(e.status))
+            route = request.url.path if request.url.path in routes else "other"  # bounded label values
+            self.m_requests.inc(route=route, status=str(e.status))
             return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
         @app.exception_handler(StarletteHTTPException)
         async def _http_error(request: Request, e: StarletteHTTPException):
-            return await _api_error(request, P.APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))
+            code = "not_found" if e.status_code == 404 else None
+            return await _api_error(request, P.APIError(e.status_code, str(e.detail), code=code))
 
         @app.exception_handler(UserError)
         async def _user_error(request: Request, e: UserError):
@@ -184,7 +195,8 @@ class InferServer:
 
         @app.exception_handler(Exception)
         async def _bug(request: Request, e: Exception):  # uvicorn logs the traceback
-            return await _api_error(request, P.APIError(500, f"internal server error: {type(e).__name__}", type="server_error"))
+            error = P.APIError(500, f"internal server error: {type(e).__name__}", type="server_error")
+            return await _api_error(request, error)
 
         app.get("/health")(self.health)
         app.get("/metrics")(self.metrics_route)
