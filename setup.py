@@ -70,7 +70,8 @@ def _extension_kwargs() -> dict:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu")) + sorted(
         str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp"))
-    _say(f"building the CUDA extension rwkv_app._wkv7_cuda for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+    _say(f"building the CUDA extension rwkv_app._wkv7_cuda for TORCH_CUDA_ARCH_LIST={archs}")
     ext = CUDAExtension(
         name="rwkv_app._wkv7_cuda",
         sources=sources,

@@ -228,7 +228,8 @@ def smoke(head_sizes: tuple[int, ...]) -> None:
                 torch.ops.rwkv_app.wkv7_bwd(*xs, sa, ckpt, dy, None, cfg, cfg)
                 torch.ops.rwkv_app.wkv7_prefill(*xs, state.clone(), cfg)
             table = torch.randn(5, H, head, head, generator=gen, device="cuda")
-            torch.ops.rwkv_app.wkv7_decode(table, torch.tensor([4, -1], device="cuda"), *[x[:, 0].contiguous() for x in xs])
+            slots = torch.tensor([4, -1], device="cuda")  # -1: the out-of-range path
+            torch.ops.rwkv_app.wkv7_decode(table, slots, *[x[:, 0].contiguous() for x in xs])
     torch.cuda.synchronize()
     print("smoke: every kernel and config ran")
 

@@ -16,7 +16,7 @@ constexpr int kChunk = 16;  // steps staged together in shared memory = the chec
 enum class Pass { Forward = 0, Rows = 1, Cols = 2 };
 
 // The configurations compiled per head size: X(id, P, R, LB) = P lanes per line, R lines per thread, LB lines
-// per block. Ordered by threads per head (N * P / R); choose_config takes the first that fills the GPU.
+// per block, ordered by threads per head (N * P / R). choose_config (wkv7_config.cpp) picks one per pass.
 #define WKV7_CONFIGS_32(X) X(0, 1, 1, 32) X(1, 4, 1, 32)
 #define WKV7_CONFIGS_64(X) X(0, 1, 1, 64) X(1, 2, 2, 64) X(2, 2, 1, 64) X(3, 4, 1, 64) X(4, 8, 1, 32)
 #define WKV7_CONFIGS_128(X) X(0, 2, 1, 128) X(1, 8, 1, 64)

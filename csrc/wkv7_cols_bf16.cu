@@ -2,6 +2,7 @@
 #include "wkv7_launch.cuh"
 
 namespace wkv7 {
-template cudaError_t backward_cols<__nv_bfloat16>(const Inputs<__nv_bfloat16>&, const __nv_bfloat16*, const float*, const float*, const float*,
-                                              const float*, __nv_bfloat16*, __nv_bfloat16*, __nv_bfloat16*, __nv_bfloat16*, __nv_bfloat16*, int, cudaStream_t);
+using E = __nv_bfloat16;
+template cudaError_t backward_cols<E>(const Inputs<E>&, const E*, const float*, const float*, const float*,
+                                      const float*, E*, E*, E*, E*, E*, int, cudaStream_t);
 }  // namespace wkv7

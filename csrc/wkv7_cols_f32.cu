@@ -2,6 +2,7 @@
 #include "wkv7_launch.cuh"
 
 namespace wkv7 {
-template cudaError_t backward_cols<float>(const Inputs<float>&, const float*, const float*, const float*, const float*,
-                                              const float*, float*, float*, float*, float*, float*, int, cudaStream_t);
+using E = float;
+template cudaError_t backward_cols<E>(const Inputs<E>&, const E*, const float*, const float*, const float*,
+                                      const float*, E*, E*, E*, E*, E*, int, cudaStream_t);
 }  // namespace wkv7

@@ -2,6 +2,6 @@
 #include "wkv7_launch.cuh"
 
 namespace wkv7 {
-template cudaError_t forward<__nv_bfloat16>(const Inputs<__nv_bfloat16>&, const float*, float*, __nv_bfloat16*, float*, float*, bool, int,
-                                        cudaStream_t);
+using E = __nv_bfloat16;
+template cudaError_t forward<E>(const Inputs<E>&, const float*, float*, E*, float*, float*, bool, int, cudaStream_t);
 }  // namespace wkv7

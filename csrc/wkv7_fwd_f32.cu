@@ -2,6 +2,6 @@
 #include "wkv7_launch.cuh"
 
 namespace wkv7 {
-template cudaError_t forward<float>(const Inputs<float>&, const float*, float*, float*, float*, float*, bool, int,
-                                        cudaStream_t);
+using E = float;
+template cudaError_t forward<E>(const Inputs<E>&, const float*, float*, E*, float*, float*, bool, int, cudaStream_t);
 }  // namespace wkv7

@@ -19,8 +19,8 @@
 // need many threads per line to fill the GPU, many heads need few to keep the arithmetic free of shuffles.
 //
 // Inputs are staged CHUNK steps at a time with cp.async into a double buffer (the next chunk loads while this one
-// computes), then converted once to fp32. Steps past T are identity steps (zero r, k, v, a, b, dy; decay 1), so
-// callers never pad.
+// computes), then converted once to fp32 with the chunk's decay products folded in (see "Rescaled basis" below).
+// Steps past T are identity steps (zero r, k, v, a, b, dy; decay 1), so callers never pad.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -140,7 +140,8 @@ template <int E, int V4, int P>
 __device__ __forceinline__ void store_line(const float (&x)[E], float* dst, int q) {
 #pragma unroll
     for (int e4 = 0; e4 < V4; e4++)
-        *reinterpret_cast<float4*>(dst + 4 * (e4 * P + q)) = make_float4(x[4 * e4], x[4 * e4 + 1], x[4 * e4 + 2], x[4 * e4 + 3]);
+        *reinterpret_cast<float4*>(dst + 4 * (e4 * P + q)) =
+            make_float4(x[4 * e4], x[4 * e4 + 1], x[4 * e4 + 2], x[4 * e4 + 3]);
 }
 
 // x *= vec (elementwise over the thread's elements), vec a shared-memory vector of N floats

@@ -15,7 +15,9 @@ namespace {
 
 using at::Tensor;
 
-const char* pass_name(wkv7::Pass p) { return p == wkv7::Pass::Forward ? "forward" : p == wkv7::Pass::Rows ? "rows" : "cols"; }
+const char* pass_name(wkv7::Pass p) {
+    return p == wkv7::Pass::Forward ? "forward" : p == wkv7::Pass::Rows ? "rows" : "cols";
+}
 
 void check_cuda(cudaError_t e, const char* what) {
     TORCH_CHECK(e == cudaSuccess, "rwkv_app wkv7 ", what, ": ", cudaGetErrorString(e));
@@ -26,7 +28,8 @@ void check_same(const Tensor& x, const Tensor& ref, const char* name, bool same_
     TORCH_CHECK(x.scalar_type() == ref.scalar_type(), "wkv7: ", name, " must be ", ref.scalar_type(), ", got ",
                 x.scalar_type());
     TORCH_CHECK(x.is_contiguous(), "wkv7: ", name, " must be contiguous");
-    if (same_shape) TORCH_CHECK(x.sizes() == ref.sizes(), "wkv7: ", name, " has shape ", x.sizes(), ", expected ", ref.sizes());
+    if (same_shape)
+        TORCH_CHECK(x.sizes() == ref.sizes(), "wkv7: ", name, " has shape ", x.sizes(), ", expected ", ref.sizes());
 }
 
 void check_f32(const Tensor& x, const Tensor& ref, const char* name, at::IntArrayRef shape) {

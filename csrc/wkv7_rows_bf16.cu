@@ -2,6 +2,6 @@
 #include "wkv7_launch.cuh"
 
 namespace wkv7 {
-template cudaError_t backward_rows<__nv_bfloat16>(const Inputs<__nv_bfloat16>&, const __nv_bfloat16*, const float*, __nv_bfloat16*, float*, float*, int,
-                                              cudaStream_t);
+using E = __nv_bfloat16;
+template cudaError_t backward_rows<E>(const Inputs<E>&, const E*, const float*, E*, float*, float*, int, cudaStream_t);
 }  // namespace wkv7

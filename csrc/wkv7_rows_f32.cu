@@ -2,6 +2,6 @@
 #include "wkv7_launch.cuh"
 
 namespace wkv7 {
-template cudaError_t backward_rows<float>(const Inputs<float>&, const float*, const float*, float*, float*, float*, int,
-                                              cudaStream_t);
+using E = float;
+template cudaError_t backward_rows<E>(const Inputs<E>&, const E*, const float*, E*, float*, float*, int, cudaStream_t);
 }  // namespace wkv7
