@@ -1,6 +1,6 @@
 """Speed of the PyTorch WKV-7 (chunked matrix form) against the plain per-token loop, on the CPU.
 
-    python benchmarks/wkv7_cpu.py [--repeats 5] [--out runs/bench/wkv7_cpu.json] [--shapes 8x512x4x64 ...]
+    python benchmarks/wkv7_cpu.py [--repeats 5] [--threads N] [--out runs/bench/wkv7_cpu.json] [--shapes 8x512x4x64 ...]
 
 Both run in fp32 on the same inputs (shaped like the model makes them); forward alone (no autograd) and
 forward + backward (all six inputs and the initial state) are timed, median of `--repeats` after one warm-up.
@@ -63,8 +63,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="BxTxHxN")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (0 = torch's default); 1 is steadier on a busy machine")
     parser.add_argument("--out", default="runs/bench/wkv7_cpu.json")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     rows = []
     header = f"{'B x T x H x N':>16} | {'loop fwd':>9} | {'chunk fwd':>9} | {'x':>5} | {'loop f+b':>9} | {'chunk f+b':>9} | {'x':>5} | {'max rel err':>11}"
