@@ -37,10 +37,12 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     result = train(cfg, resume=args.resume, max_steps=args.max_steps, init_weights=args.init_weights,
                    progress=False if args.no_progress else None)
     if result.interrupted:
-        print(f"rwkv-train: stopped at step {result.step}/{result.total_steps}; state saved in "
-              f"{result.run_dir / 'state'}; continue with --resume", file=sys.stderr)
+        if result.main_process:
+            print(f"rwkv-train: stopped at step {result.step}/{result.total_steps}; state saved in "
+                  f"{result.run_dir / 'state'}; continue with --resume", file=sys.stderr)
         return 0 if args.max_steps is not None and result.step >= args.max_steps else EXIT_INTERRUPTED
-    print(f"rwkv-train: done, {result.step} steps, {result.tokens:,} tokens; weights: {result.weights}")
+    if result.main_process:
+        print(f"rwkv-train: done, {result.step} steps, {result.tokens:,} tokens; weights: {result.weights}")
     return 0
 
 

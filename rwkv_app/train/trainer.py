@@ -49,6 +49,7 @@ class TrainResult:
     interrupted: bool  # stopped early (Ctrl-C or max_steps) with a state saved for --resume
     weights: Optional[Path]  # the last weights written
     losses: dict[int, float] = field(default_factory=dict)  # step (1-based) -> mean loss, at the logging cadence
+    main_process: bool = True  # rank 0 (the one that writes and reports)
 
 
 @dataclass
@@ -418,7 +419,7 @@ def _train(cfg: TrainConfig, placement: Placement, resume: bool, max_steps: Opti
         how = "finished" if finished else "stopped"
         log.info("%s at step %d/%d (%s tokens); weights: %s", how, step, plan.total_steps, f"{tokens:,}", last_weights)
     return TrainResult(run_dir=run.root, step=step, total_steps=plan.total_steps, tokens=tokens,
-                       interrupted=interrupted, weights=last_weights, losses=losses)
+                       interrupted=interrupted, weights=last_weights, losses=losses, main_process=placement.is_main)
 
 
 def _check_logger_packages(cfg: TrainConfig) -> None:
