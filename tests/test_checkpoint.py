@@ -218,3 +218,14 @@ def test_bad_metadata_config(tmp_path, model):
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(tmp_path / "meta.safetensors"), metadata={"model_config": json.dumps({"num_cells": "x"})})
     assert "meta.safetensors: invalid `model_config`" in _error(load_state_dict, tmp_path / "meta.safetensors")
+
+
+def test_integer_tensors_empty_files_and_impossible_shapes(tmp_path, model):
+    sd = dict(model.state_dict(), **{"blocks.0.att.k_a": torch.ones(1, 1, 64, dtype=torch.int32)})
+    torch.save(sd, tmp_path / "ints.pth")
+    assert "ints.pth: tensor `blocks.0.att.k_a` has dtype torch.int32" in _error(load_model, tmp_path / "ints.pth")
+    save_file({}, str(tmp_path / "empty.safetensors"))
+    assert "empty.safetensors: holds no tensors" in _error(inspect_checkpoint, tmp_path / "empty.safetensors")
+    sd = dict(model.state_dict(), **{"blocks.0.att.r_k": torch.zeros(3, 32)})   # 3 heads of 32 != 64 channels
+    torch.save(sd, tmp_path / "heads.pth")
+    assert "heads.pth: tensor shapes give an invalid model config" in _error(load_state_dict, tmp_path / "heads.pth")

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from rwkv_app.config import ModelConfig
 from rwkv_app.errors import UserError
@@ -210,6 +211,12 @@ def test_state_object(tmp_path):
         RWKV7State.load(tmp_path / "bad.safetensors")
     with pytest.raises(UserError, match="missing.safetensors"):
         RWKV7State.load(tmp_path / "missing.safetensors")
+    RWKV7State(state.att_shift, state.wkv[:, :2], state.ffn_shift).save(tmp_path / "odd.safetensors")
+    with pytest.raises(UserError, match="odd.safetensors: inconsistent RWKV-7 state"):
+        RWKV7State.load(tmp_path / "odd.safetensors")
+    save_file({"weights": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(UserError, match="other.safetensors: not an RWKV-7 state file"):
+        RWKV7State.load(tmp_path / "other.safetensors")
 
 
 def test_bfloat16_model_runs_with_fp32_wkv_state():

@@ -87,8 +87,9 @@ class RWKV7State:
         if missing:
             raise UserError(f"{path}: not an RWKV-7 state file (missing tensor `{missing[0]}`)")
         state = cls(*(tensors[f] for f in _FIELDS))
-        L, B = state.wkv.shape[:2]
-        if (state.wkv.dim() != 5 or state.att_shift.shape[:2] != (L, B) or state.ffn_shift.shape != state.att_shift.shape
-                or state.wkv.dtype != torch.float32):
-            raise UserError(f"{path}: inconsistent state shapes {[tuple(getattr(state, f).shape) for f in _FIELDS]}")
+        shapes = [tuple(getattr(state, f).shape) for f in _FIELDS]
+        att, wkv, ffn = shapes
+        if len(wkv) != 5 or len(att) != 3 or att[:2] != wkv[:2] or ffn != att or state.wkv.dtype != torch.float32:
+            raise UserError(f"{path}: inconsistent RWKV-7 state: shapes {shapes} (expected [L, B, C], "
+                            f"[L, B, H, N, N] in float32, [L, B, C]), wkv dtype {state.wkv.dtype}")
         return state
