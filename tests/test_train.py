@@ -314,6 +314,13 @@ def test_start_from_an_rwkv_lm_pth_and_refuse_another_vocab(counting):
     assert "num_cells = 2" in error_of(train, deep, progress=False)
 
 
+def test_trains_on_the_rwkv_rs_dataset_format(tmp_path):
+    rng = np.random.default_rng(0)
+    write_tokens(tmp_path / "count", [np.arange(s, s + 20) + 1 for s in rng.integers(0, 40, 60)], fmt="rwkv")
+    result = train(tiny_config(tmp_path, dataset_format="rwkv", num_dataset_repeats=0.3), progress=False)
+    assert result.step == result.total_steps == math.ceil(0.3 * 60 * 21 / 64)
+
+
 def test_bad_input_is_one_line_and_writes_nothing(counting, monkeypatch):
     assert "no training state" in error_of(train, tiny_config(counting, experiment_name="r"), resume=True)
     assert "too few for context_length" in error_of(train, tiny_config(counting, context_length=2000))
