@@ -438,3 +438,14 @@ def test_sigterm_drains_in_flight_and_refuses_new(tmp_path):
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def test_a_missing_weights_file_is_one_line_and_exit_code_2(tmp_path):
+    cfg = make_config_dir(tmp_path, _free_port())
+    (cfg / "assets" / "w0.safetensors").unlink()
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-m", "rwkv_app.cli.infer", "--config-dir", str(cfg), "--infer-cfg", "test"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        f"rwkv-infer: error: model `tiny`: `weights_path` file not found: {cfg / 'assets' / 'w0.safetensors'}"]

@@ -68,6 +68,16 @@ def load_tokenizer_for(entry: InferModelConfig):
     return load_tokenizer("generic", entry.tokenizer_vocab_path)
 
 
+def precheck(entries: list[InferModelConfig]) -> None:
+    """The cheap checks, before loading anything: files exist, devices exist."""
+    for entry in entries:
+        for key in ("weights_path", "tokenizer_vocab_path"):
+            path = getattr(entry, key)
+            if path and not Path(path).is_file():
+                raise UserError(f"model `{entry.model_name}`: `{key}` file not found: {path}")
+        resolve_device(entry)
+
+
 class ServedModel:
     """One `[[models]]` entry: its tokenizer and one engine per replica."""
 
@@ -82,14 +92,20 @@ class ServedModel:
         from rwkv_app.model.checkpoint import load_model
 
         devices, dtype = resolve_device(entry)
-        tokenizer = load_tokenizer_for(entry)
+        try:
+            tokenizer = load_tokenizer_for(entry)
+        except UserError as e:
+            raise UserError(f"model `{entry.model_name}`: {e}") from None
         if tokenizer.vocab_size > entry.arch.vocab_size:
             raise UserError(f"model `{entry.model_name}`: the tokenizer has {tokenizer.vocab_size} tokens but the model "
                             f"only {entry.arch.vocab_size} (vocab_size)")
         engines: list[Engine] = []
         try:
             for i, device in enumerate(devices):
-                model = load_model(entry.weights_path, device, dtype, expect=entry.arch)
+                try:
+                    model = load_model(entry.weights_path, device, dtype, expect=entry.arch)
+                except UserError as e:
+                    raise UserError(f"model `{entry.model_name}`: {e}") from None
                 model.eval()
                 engine = Engine(model, entry.arch, tokenizer, max_batch_size=entry.max_batch_size,
                                 max_context_len=entry.max_context_len, paragraph_len=entry.paragraph_len,
@@ -238,13 +254,7 @@ class Registry:
     def _apply_locked(self, new: InferConfig, dry_run: bool) -> ReloadResult:
         result = self.diff(new)
         result.dry_run = dry_run
-        for name in result.added + result.changed:  # cheap checks before loading anything
-            entry = new.model_named(name)
-            assert entry is not None
-            for path in (entry.weights_path, entry.tokenizer_vocab_path):
-                if path and not Path(path).is_file():
-                    raise UserError(f"model `{name}`: file not found: {path}")
-            resolve_device(entry)
+        precheck([m for m in new.models if m.model_name in result.added + result.changed])
         if dry_run:
             return result
         if new.http_bind_addr != self.config.http_bind_addr:

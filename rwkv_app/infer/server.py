@@ -29,7 +29,7 @@ from rwkv_app.infer import protocol as P
 from rwkv_app.infer.chat import default_stop, render_chat
 from rwkv_app.infer.engine import EngineClosed, GenerationRequest, Output, QueueFull, RequestHandle, read_events
 from rwkv_app.infer.metrics import Counter, Gauge, Histogram, Metrics
-from rwkv_app.infer.registry import Registry, ServedModel, resolve_device
+from rwkv_app.infer.registry import Registry, ServedModel, precheck, resolve_device
 from rwkv_app.infer.sampling import SamplingParams
 from rwkv_app.infer.security import BodyLimitMiddleware, CORSMiddleware, check_admin, check_bearer
 from rwkv_app.infer.textstream import Piece
@@ -94,6 +94,7 @@ class InferServer:
         import uvicorn
 
         cfg = self.config
+        precheck(cfg.models)  # a missing file is a one-line error before anything starts
         self.uvicorn = uvicorn.Server(uvicorn.Config(
             self.asgi, host=cfg.host, port=cfg.port, log_level="info", lifespan="on",
             timeout_graceful_shutdown=max(1, int(round(cfg.shutdown_grace_s))), timeout_keep_alive=5))
