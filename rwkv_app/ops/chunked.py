@@ -73,7 +73,15 @@ def _blocks(x: torch.Tensor, chunk: int, pad: int) -> torch.Tensor:
 def wkv7_chunked(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
                  b: torch.Tensor, state: Optional[torch.Tensor] = None,
                  chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
-    """y [B, T, H, N] (dtype of r) and the final state [B, H, N, N] (fp32, or fp64 for fp64 inputs)."""
+    """y [B, T, H, N] (dtype of r) and the final state [B, H, N, N] (fp32, or fp64 for fp64 inputs).
+
+    Runs in fp32 even inside an autocast region: the decay factors span exp(+-0.61 L/2), too wide for bf16 sums.
+    """
+    with torch.autocast(device_type=r.device.type, enabled=False):
+        return _chunked(r, w, k, v, a, b, state, chunk)
+
+
+def _chunked(r, w, k, v, a, b, state, chunk):
     B, T, H, N = r.shape
     out_dtype = r.dtype
     cd = torch.promote_types(r.dtype, torch.float32)  # compute dtype: fp32, or fp64 when given fp64
