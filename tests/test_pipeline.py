@@ -1,4 +1,4 @@
-"""The rwkv_trainer-style API: RWKVTrainingPipeline, its configs and converters, in the spirit of that project's tests."""
+"""The rwkv_trainer-style API: RWKVTrainingPipeline, its configs and converters, in the spirit of its own tests."""
 
 from __future__ import annotations
 

@@ -157,7 +157,8 @@ def test_plan_counts_steps_and_refuses_a_batch_that_does_not_divide(tmp_path):
     plan = Plan.of(cfg, dataset_tokens=1000, world_size=1)
     assert plan.tokens_per_step == 4 * 2 * 16 and plan.exit_tokens == 2500
     assert plan.total_steps == math.ceil(2500 / 128) and plan.steps_per_mini_epoch == 4
-    assert "must be a multiple" in error_of(Plan.of, tiny_config(tmp_path, mini_epoch_samples=20, gradient_accumulation_steps=2), 1000, 1)
+    odd = tiny_config(tmp_path, mini_epoch_samples=20, gradient_accumulation_steps=2)
+    assert "must be a multiple" in error_of(Plan.of, odd, 1000, 1)
 
 
 # ------------------------------------------------------------------------------------------------ run directory

@@ -80,7 +80,8 @@ def place(cfg) -> Placement:
         raise UserError(
             f"the train config asks for num_nodes x num_devices_per_node = {cfg.num_nodes} x "
             f"{cfg.num_devices_per_node} = {cfg.world_size} processes but this job has WORLD_SIZE={world}; launch with "
-            f"`torchrun --nnodes {cfg.num_nodes} --nproc_per_node {cfg.num_devices_per_node} -m rwkv_app.cli.train ...` "
+            f"`torchrun --nnodes {cfg.num_nodes} --nproc_per_node {cfg.num_devices_per_node} "
+            f"-m rwkv_app.cli.train ...` "
             f"(or the deepspeed launcher), or change the config")
 
     cuda = torch.cuda.is_available()

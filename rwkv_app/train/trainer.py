@@ -29,7 +29,7 @@ from rwkv_app.data.binidx import TokenFile, open_tokens
 from rwkv_app.data.prepare import dataset_ready, prepare_from_config
 from rwkv_app.data.sampler import MagicPrimeSampler
 from rwkv_app.errors import UserError
-from rwkv_app.train.engine import Engine, Placement, make_engine, place
+from rwkv_app.train.engine import Placement, make_engine, place
 from rwkv_app.train.optim import learning_rate
 from rwkv_app.train.run import INFO_FILE, RunDir, find_resume_state
 
@@ -283,7 +283,8 @@ def _train(cfg: TrainConfig, placement: Placement, resume: bool, max_steps: Opti
         if changed:
             k = changed[0]
             raise UserError(f"--resume: `{k}` was {meta['signature'].get(k)} in {resume_from[1]} but is now "
-                            f"{signature[k]}; resuming needs the same batch layout and dataset (start a new run instead)")
+                            f"{signature[k]}; resuming needs the same batch layout and dataset (start a new run "
+                            f"instead)")
         step, tokens, epoch_loss = meta["step"], meta["tokens"], list(meta["epoch_loss"])
         rngs = meta["rng"]
         set_rng_state(rngs[placement.rank] if len(rngs) == placement.world_size else rngs[0], placement)
@@ -320,8 +321,9 @@ def _train(cfg: TrainConfig, placement: Placement, resume: bool, max_steps: Opti
     def checkpoint(final: bool, last: bool = False) -> None:
         nonlocal last_weights
         meta = {"step": step, "tokens": tokens, "epoch_loss": list(epoch_loss), "signature": signature,
-                "rng": gather(rng_state(placement), placement), "sampler": {
-                    "next_micro_batch": step * accum, "prime": sampler.prime, "mini_epoch": step // plan.steps_per_mini_epoch},
+                "rng": gather(rng_state(placement), placement),
+                "sampler": {"next_micro_batch": step * accum, "prime": sampler.prime,
+                            "mini_epoch": step // plan.steps_per_mini_epoch},
                 "total_steps": plan.total_steps, "exit_tokens": plan.exit_tokens,
                 "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
         sd = engine.full_state_dict()
