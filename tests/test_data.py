@@ -145,6 +145,15 @@ def test_prepare_reads_jsonl_text_and_numpy(tmp_path):
                                                       progress=False)
 
 
+def test_prepare_with_the_world_tokenizer(tmp_path):
+    from rwkv_app.tokenizer import WorldTokenizer
+
+    (tmp_path / "w.jsonl").write_text(json.dumps({"text": "Hello world! 你好"}, ensure_ascii=False) + "\n")
+    s = prepare_dataset([tmp_path / "w.jsonl"], WorldTokenizer(), tmp_path / "w", progress=False)
+    assert open_tokens(tmp_path / "w").get(0, s.tokens).tolist() == [33155, 40213, 34, 33, 10464, 11685, 0]
+    assert s.dtype == "uint16" and s.vocab_size == 65536
+
+
 def test_shuffle_and_repeat_are_seeded_permutations(tmp_path):
     lines = "".join(json.dumps({"text": " ".join(map(str, range(i, i + 3)))}) + "\n" for i in range(20))
     (tmp_path / "c.jsonl").write_text(lines)
