@@ -90,6 +90,14 @@ def test_bfloat16_inputs_keep_fp32_state():
     assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
     want, _ = wkv7_sequential(*(x.double() for x in (r, w, k, v, a, b, s0)))
     assert rel_err(y, want) < 2e-2                          # bf16 output rounding only
+    with torch.autocast("cpu", dtype=torch.bfloat16):       # autocast must not lower the op's inner precision
+        y_auto, s_auto = wkv7(r, w, k, v, a, b, s0.float())
+        table = s0.float().clone()
+        y_dec = wkv7_decode(table, torch.tensor([0]), *(x[:, 0] for x in (r, w, k, v, a, b)))
+    assert torch.equal(y_auto, y) and torch.equal(s_auto, s)
+    plain = s0.float().clone()
+    assert torch.equal(y_dec, wkv7_decode(plain, torch.tensor([0]), *(x[:, 0] for x in (r, w, k, v, a, b))))
+    assert torch.equal(table, plain)
 
 
 def test_backend_environment(monkeypatch):

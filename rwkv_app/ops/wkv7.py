@@ -99,9 +99,10 @@ def wkv7_decode(state_table: torch.Tensor, slots: torch.Tensor, r: torch.Tensor,
         return module.wkv7_decode(state_table, slots, r, w, k, v, a, b)
     dtype = r.dtype
     r, w, k, v, a, b = (x.to(state_table.dtype) for x in (r, w, k, v, a, b))
-    S = state_table.index_select(0, slots)                               # [B, H, N, N]
-    decay = torch.exp(-DECAY_SCALE * torch.sigmoid(w))
-    sa = S @ a.unsqueeze(-1)                                             # S a: [B, H, N, 1]
-    S = S * decay.unsqueeze(-2) + sa * b.unsqueeze(-2) + v.unsqueeze(-1) * k.unsqueeze(-2)
-    state_table.index_copy_(0, slots, S)
-    return (S @ r.unsqueeze(-1)).squeeze(-1).to(dtype)
+    with torch.autocast(device_type=r.device.type, enabled=False):  # the state math stays in fp32
+        S = state_table.index_select(0, slots)                           # [B, H, N, N]
+        decay = torch.exp(-DECAY_SCALE * torch.sigmoid(w))
+        sa = S @ a.unsqueeze(-1)                                         # S a: [B, H, N, 1]
+        S = S * decay.unsqueeze(-2) + sa * b.unsqueeze(-2) + v.unsqueeze(-1) * k.unsqueeze(-2)
+        state_table.index_copy_(0, slots, S)
+        return (S @ r.unsqueeze(-1)).squeeze(-1).to(dtype)
