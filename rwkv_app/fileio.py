@@ -17,6 +17,7 @@ def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, _mode_for(path))  # mkstemp makes 0600; the result should look like any file the user writes
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -25,6 +26,16 @@ def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
         _fsync_dir(path.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _mode_for(path: Path) -> int:
+    """Keep an existing file's permissions; a new file gets the usual 0666 minus the umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
