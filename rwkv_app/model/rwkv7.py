@@ -13,7 +13,9 @@ Three entry points:
 
 from __future__ import annotations
 
-from typing import Optional
+import logging
+import threading
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -25,6 +27,8 @@ from rwkv_app.model.state import RWKV7State
 from rwkv_app.ops import wkv7, wkv7_decode, wkv7_inference
 
 __all__ = ["RWKV7", "RWKV7State"]
+
+log = logging.getLogger(__name__)
 
 LN_X_EPS = 64e-5  # GroupNorm eps of the WKV output (RWKV-LM: 1e-5 * head_size_divisor^2, divisor 8)
 
@@ -140,11 +144,163 @@ class Block(nn.Module):
         return x, v_first, att_shift, wkv_state, h[:, -1]
 
 
+# ---------------------------------------------------------------------------------------------------- serving maths
+# `prefill` and `decode_step` run each block as two pure functions around the WKV op, written for few kernels: one
+# lerp builds all six token-shift mixes, one batched matmul each way runs the w/a/v LoRAs, the residual adds ride
+# on the output matmuls (addmm), and the shift rows are gathered/scattered once per step for all layers. The same
+# functions, under `torch.compile`, become a handful of fused kernels per block (`RWKV7.compile_serving`).
+
+LN_EPS = 1e-5  # nn.LayerNorm's default, used by ln0/ln1/ln2/ln_out
+
+
+class ServingWeights(NamedTuple):
+    """One block's weights as the serving maths reads them: the parameters themselves, except the stacked copies
+    (`mix`, `lora_*`, `k_keep`) made once per weight version by `RWKV7._serving_weights`."""
+
+    ln0: Optional[tuple[torch.Tensor, torch.Tensor]]  # block 0 only: LayerNorm of the embeddings
+    ln1_w: torch.Tensor
+    ln1_b: torch.Tensor
+    mix: torch.Tensor           # [6, 1, 1, C] token-shift mixes x_w, x_a, x_v, x_g, x_r, x_k (LoRA inputs first)
+    lora_down: torch.Tensor     # [3, C, D] w1, a1, v1, zero-padded to the largest of the three ranks D
+    lora_up: torch.Tensor       # [3, D, C] w2, a2, v2, zero rows past each rank
+    lora_bias: torch.Tensor     # [3, 1, C] w0, a0, v0
+    g1: torch.Tensor            # [C, Dg]
+    g2: torch.Tensor            # [Dg, C]
+    receptance: torch.Tensor    # [C, C] nn.Linear weights (out, in)
+    key: torch.Tensor
+    value: torch.Tensor
+    output: torch.Tensor
+    k_k: torch.Tensor           # [C]
+    k_a: torch.Tensor           # [C]
+    k_keep: torch.Tensor        # [C] 1 - k_a
+    r_k: torch.Tensor           # [H, N]
+    ln_x_w: torch.Tensor        # [C]
+    ln_x_b: torch.Tensor
+    ln2_w: torch.Tensor
+    ln2_b: torch.Tensor
+    ffn_mix: torch.Tensor       # [C]
+    ffn_key: torch.Tensor       # [F, C]
+    ffn_value: torch.Tensor     # [C, F]
+
+    @classmethod
+    def of(cls, block: Block) -> "ServingWeights":
+        att, ffn = block.att, block.ffn
+        C = att.receptance.weight.shape[0]
+        mix = torch.cat([att.x_w, att.x_a, att.x_v, att.x_g, att.x_r, att.x_k]).view(6, 1, 1, C)
+        downs, ups = (att.w1, att.a1, att.v1), (att.w2, att.a2, att.v2)
+        D = max(d.shape[1] for d in downs)
+        lora_down = downs[0].new_zeros(3, C, D)
+        lora_up = ups[0].new_zeros(3, D, C)
+        for j, (down, up) in enumerate(zip(downs, ups)):
+            lora_down[j, :, :down.shape[1]] = down
+            lora_up[j, :up.shape[0]] = up
+        flat = lambda p: p.view(C)  # noqa: E731  [1, 1, C] parameter -> [C]
+        return cls(
+            ln0=(block.ln0.weight, block.ln0.bias) if block.layer_id == 0 else None,
+            ln1_w=block.ln1.weight, ln1_b=block.ln1.bias, mix=mix, lora_down=lora_down, lora_up=lora_up,
+            lora_bias=torch.cat([att.w0, att.a0, att.v0]).view(3, 1, C), g1=att.g1, g2=att.g2,
+            receptance=att.receptance.weight, key=att.key.weight, value=att.value.weight, output=att.output.weight,
+            k_k=flat(att.k_k), k_a=flat(att.k_a), k_keep=1 - flat(att.k_a), r_k=att.r_k,
+            ln_x_w=att.ln_x.weight, ln_x_b=att.ln_x.bias, ln2_w=block.ln2.weight, ln2_b=block.ln2.bias,
+            ffn_mix=flat(ffn.x_k), ffn_key=ffn.key.weight, ffn_value=ffn.value.weight)
+
+
+def _shifted(h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """The token shift of h [B, T, C] with `prev` [B, C] before the first token (no copy for one token)."""
+    return prev.unsqueeze(1) if h.shape[1] == 1 else _token_shift(h, prev)
+
+
+def _mix_in(lw: ServingWeights, x: torch.Tensor, att_prev: torch.Tensor, v_first: Optional[torch.Tensor]):
+    """A block's input x [B, T, C] -> (x after ln0, h = ln1(x), r, w, k, v, a, b, g, v_first), all [B, T, C]:
+    the six WKV inputs (w the raw decay, a = -kk, b = kk * a_gate) and what `_block_out` needs."""
+    B, T, C = x.shape
+    H, N = lw.r_k.shape
+    if lw.ln0 is not None:
+        x = F.layer_norm(x, (C,), *lw.ln0, eps=LN_EPS)
+    h = F.layer_norm(x, (C,), lw.ln1_w, lw.ln1_b, eps=LN_EPS)
+    xs = torch.lerp(h, _shifted(h, att_prev), lw.mix).view(6, B * T, C)   # h + (shifted - h) * x_*
+    lora = torch.bmm(xs[:3], lw.lora_down)                                 # [3, BT, D]
+    lora[0].tanh_()
+    lora = torch.baddbmm(lw.lora_bias, lora, lw.lora_up)                   # [3, BT, C]: w0 + .., a0 + .., v0 + ..
+    lora[1:].sigmoid_()
+    w, a, v_gate = lora.unbind(0)                                          # raw decay, in-context rate, v mix
+    g = torch.sigmoid(xs[3] @ lw.g1) @ lw.g2
+    r = F.linear(xs[4], lw.receptance)
+    k = F.linear(xs[5], lw.key)
+    v = F.linear(xs[2], lw.value)
+    if v_first is None:
+        v_first = v.view(B, T, C)
+    else:
+        v = torch.lerp(v, v_first.view(B * T, C), v_gate)                  # v + (v_first - v) * v_gate
+    kk = F.normalize((k * lw.k_k).view(B * T, H, N), dim=-1, p=2.0, eps=1e-12)
+    k = torch.addcmul(lw.k_keep, a, lw.k_a).mul_(k)                        # k * (1 + (a - 1) * k_a)
+    b = (kk * a.view(B * T, H, N)).view(B, T, C)
+    kk = kk.view(B, T, C)
+    seq = lambda t: t.view(B, T, C)  # noqa: E731
+    return x, h, seq(r), seq(w), seq(k), seq(v), -kk, b, seq(g), v_first
+
+
+def _block_out(lw: ServingWeights, x: torch.Tensor, y: torch.Tensor, r: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor, g: torch.Tensor, ffn_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rest of a block from the WKV output y [B, T, H, N]: GroupNorm, r.k bonus, gate, output projection and
+    the channel mix. Returns (block output [B, T, C], h2 = ln2 output [B, T, C])."""
+    B, T, C = x.shape
+    H, N = lw.r_k.shape
+    y = F.group_norm(y.reshape(B * T, C), H, lw.ln_x_w, lw.ln_x_b, eps=LN_X_EPS)
+    heads = lambda t: t.reshape(B * T, H, N)  # noqa: E731
+    bonus = (heads(r * k) * lw.r_k).sum(-1, keepdim=True) * heads(v)       # [BT, H, N]
+    x = torch.addmm(x.reshape(B * T, C), (y + bonus.view(B * T, C)) * g.reshape(B * T, C), lw.output.t())
+    h2 = F.layer_norm(x, (C,), lw.ln2_w, lw.ln2_b, eps=LN_EPS).view(B, T, C)
+    kx = torch.lerp(h2, _shifted(h2, ffn_prev), lw.ffn_mix).view(B * T, C)
+    x = torch.addmm(x, torch.relu(F.linear(kx, lw.ffn_key)).square_(), lw.ffn_value.t())
+    return x.view(B, T, C), h2
+
+
+class _Compiled:
+    """`torch.compile`d `_mix_in` / `_block_out`, made on first use; `error` says why compiling failed (then every
+    caller uses the eager functions: a failure costs speed, never a request)."""
+
+    def __init__(self):
+        self.error: Optional[str] = None
+        self._fns: Optional[tuple] = None
+        self._lock = threading.Lock()  # Dynamo compiles are not thread-safe; engines run on their own threads
+
+    def _get(self):
+        if self._fns is None:
+            import torch._dynamo
+
+            # every (block 0 or not) x (decode or prefill) x (batch 1 or dynamic) x device is one compiled graph
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            self._fns = (torch.compile(_mix_in, fullgraph=True), torch.compile(_block_out, fullgraph=True))
+        return self._fns
+
+    def _run(self, which: int, eager, *args):
+        if self.error is None:
+            try:
+                with self._lock:
+                    return self._get()[which](*args)
+            except Exception as e:  # noqa: BLE001  (any compiler failure: serve eagerly)
+                self.error = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+                log.warning("torch.compile of the serving maths failed, running eagerly: %s", self.error)
+        return eager(*args)
+
+    def mix_in(self, *args):
+        return self._run(0, _mix_in, *args)
+
+    def block_out(self, *args):
+        return self._run(1, _block_out, *args)
+
+
+_compiled = _Compiled()
+
+
 class RWKV7(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.grad_checkpoint = False  # recompute each block during backward (training memory for compute)
+        self.compile_serving = False  # prefill/decode_step: torch.compile the per-block maths (worth it on CUDA)
+        self._serving_cache: Optional[tuple] = None  # (weight versions, [ServingWeights]) for the serving paths
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
@@ -191,31 +347,63 @@ class RWKV7(nn.Module):
         x, new_state = self._run_blocks(self.emb(tokens), state)
         return self.head(self.ln_out(x)), new_state
 
+    # ------------------------------------------------------------------------------------------------ serving
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, state: RWKV7State, slots: torch.Tensor) -> torch.Tensor:
         """Feed tokens [B, T] to the sequences in rows `slots` of `state` (updated in place); logits of the last token [B, V]."""
-        sub = state.index(slots)
-        x, sub = self._run_blocks(self.emb(tokens), sub)
-        state.assign(slots, sub)
+        B, T = tokens.shape
+        H, N = self.cfg.num_heads, self.cfg.head_dim
+        mix_in, block_out = self._serving_maths()
+        att_prev = state.att_shift.index_select(1, slots)                 # [L, B, C]
+        ffn_prev = state.ffn_shift.index_select(1, slots)
+        x, v_first = self.emb(tokens), None                                # [B, T, C]
+        att_last, ffn_last = [], []
+        for i, lw in enumerate(self._serving_weights()):
+            x, h, r, w, k, v, a, b, g, v_first = mix_in(lw, x, att_prev[i], v_first)
+            wkv = state.wkv[i].index_select(0, slots)                      # private rows: the kernel works in place
+            y = wkv7_inference(*(t.view(B, T, H, N) for t in (r, w, k, v, a, b)), wkv)
+            state.wkv[i].index_copy_(0, slots, wkv)
+            x, h2 = block_out(lw, x, y, r, k, v, g, ffn_prev[i])
+            att_last.append(h[:, -1])
+            ffn_last.append(h2[:, -1])
+        state.att_shift.index_copy_(1, slots, torch.stack(att_last))
+        state.ffn_shift.index_copy_(1, slots, torch.stack(ffn_last))
         return self.head(self.ln_out(x[:, -1]))
 
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, state: RWKV7State, slots: torch.Tensor) -> torch.Tensor:
-        """One token per sequence: tokens [B] for state rows `slots` (updated in place) -> logits [B, V]."""
-        x = self.emb(tokens).unsqueeze(1)                                      # [B, 1, C]
-        v_first = None
-        for i, block in enumerate(self.blocks):
-            att = block.att
-            if i == 0:
-                x = block.ln0(x)
-            h = block.ln1(x)
-            att_rows = state.att_shift[i]
-            wkv_in, rest, v_first = att.project(h, att_rows.index_select(0, slots).unsqueeze(1), v_first)
-            att_rows.index_copy_(0, slots, h[:, 0])
-            y = wkv7_decode(state.wkv[i], slots, *(t[:, 0] for t in wkv_in))    # [B, H, N]
-            x = x + att.finish(y.unsqueeze(1), *rest)
-            h = block.ln2(x)
-            ffn_rows = state.ffn_shift[i]
-            x = x + block.ffn(h, ffn_rows.index_select(0, slots).unsqueeze(1))
-            ffn_rows.index_copy_(0, slots, h[:, 0])
+        """One token per sequence: tokens [B] for state rows `slots` (distinct; updated in place) -> logits [B, V]."""
+        B = tokens.shape[0]
+        H, N = self.cfg.num_heads, self.cfg.head_dim
+        mix_in, block_out = self._serving_maths()
+        # one gather and one scatter per shift table for the whole step, not two per layer
+        att_prev = state.att_shift.index_select(1, slots)                 # [L, B, C]
+        ffn_prev = state.ffn_shift.index_select(1, slots)
+        x, v_first = self.emb(tokens).unsqueeze(1), None                   # [B, 1, C]
+        att_last, ffn_last = [], []
+        for i, lw in enumerate(self._serving_weights()):
+            x, h, r, w, k, v, a, b, g, v_first = mix_in(lw, x, att_prev[i], v_first)
+            y = wkv7_decode(state.wkv[i], slots, *(t.view(B, H, N) for t in (r, w, k, v, a, b)))
+            x, h2 = block_out(lw, x, y.view(B, 1, H, N), r, k, v, g, ffn_prev[i])
+            att_last.append(h[:, 0])
+            ffn_last.append(h2[:, 0])
+        state.att_shift.index_copy_(1, slots, torch.stack(att_last))
+        state.ffn_shift.index_copy_(1, slots, torch.stack(ffn_last))
         return self.head(self.ln_out(x[:, 0]))
+
+    def _serving_weights(self) -> list["ServingWeights"]:
+        """Every block's `ServingWeights`, rebuilt when a parameter was replaced or changed in place."""
+        params = list(self.parameters())
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if self._serving_cache is None or self._serving_cache[0] != key:
+            with torch.inference_mode(False):  # plain tensors: usable inside and outside inference mode
+                layers = [ServingWeights.of(block) for block in self.blocks]
+            self._serving_cache = (key, layers)
+        return self._serving_cache[1]
+
+    def _serving_maths(self):
+        """The two halves of a block for the serving paths: `torch.compile`d when `compile_serving` is on (the
+        engine sets it on CUDA only) and compiling has not failed; plain eager PyTorch otherwise."""
+        if self.compile_serving and _compiled.error is None:
+            return _compiled.mix_in, _compiled.block_out
+        return _mix_in, _block_out

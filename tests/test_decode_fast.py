@@ -1,0 +1,154 @@
+"""The serving paths (`prefill`, `decode_step`, their torch.compile variant, the CUDA-graph wrapper) against the
+GPT-mode `forward`: several batch sizes, slot patterns and head sizes, weight changes, compile failure."""
+
+import math
+
+import pytest
+import torch
+
+from rwkv_app.config import ModelConfig
+from rwkv_app.model import RWKV7, RWKV7State
+from rwkv_app.model import rwkv7 as rwkv7_module
+
+VOCAB = 97
+FIELDS = ("att_shift", "wkv", "ffn_shift")
+
+
+def tiny_model(head_size: int, seed: int, dtype=torch.float32, **extra) -> RWKV7:
+    cfg = ModelConfig(num_cells=3, vocab_size=VOCAB, embedded_dim=64, num_heads=64 // head_size, head_size=head_size,
+                      **extra)
+    model = RWKV7(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # every weight random and non-zero (a fresh init has zero output matrices)
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(noise / math.sqrt(p.shape[1]) if p.dim() == 2 and not name.endswith("r_k") else p + 0.2 * noise)
+    return model.to(dtype).eval()
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want.double()).abs().max() / want.double().std()).item()
+
+
+def busy_table(model: RWKV7, slots: int, seed: int) -> RWKV7State:
+    """A slot table whose rows all hold someone's state (random, never zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    table = model.new_state(slots)
+    for f in FIELDS:
+        t = getattr(table, f)
+        t.copy_(torch.randn(t.shape, generator=g).to(t.dtype))
+    return table
+
+
+def run_serving(model, table, slots, seqs, prefill_until):
+    """Prefill seqs[:, :prefill_until] in two chunks, then decode the rest token by token: logits per position."""
+    cut = prefill_until // 2
+    out = [model.prefill(seqs[:, :cut], table, slots), model.prefill(seqs[:, cut:prefill_until], table, slots)]
+    out += [model.decode_step(seqs[:, t], table, slots) for t in range(prefill_until, seqs.shape[1])]
+    return torch.stack(out, 1)  # [B, 2 + decoded, V]
+
+
+@pytest.mark.parametrize("head_size,slots", [(32, [0]), (32, [4, 1, 6]), (64, [2, 5]), (16, [6, 0, 3, 1, 5])])
+def test_serving_paths_match_forward_and_leave_other_slots_alone(head_size, slots):
+    model = tiny_model(head_size, seed=head_size + len(slots))
+    B, T, P = len(slots), 14, 9
+    gen = torch.Generator().manual_seed(len(slots))
+    seqs = torch.randint(0, VOCAB, (B, T), generator=gen)
+    start = busy_table(model, 1, seed=5).index([0] * B)  # every sequence resumes from a non-zero state
+    with torch.no_grad():
+        want, want_state = model(seqs, start)
+
+    table = busy_table(model, 7, seed=6)
+    rows = torch.tensor(slots)
+    table.assign(rows, start)
+    others = [s for s in range(7) if s not in slots]
+    before = table.index(others)
+    got = run_serving(model, table, rows, seqs, P)
+
+    positions = [P // 2 - 1, P - 1] + list(range(P, T))
+    assert rel_err(got, want[:, positions]) <= 1e-5
+    final = table.index(rows)
+    for f in FIELDS:
+        assert rel_err(getattr(final, f), getattr(want_state, f)) <= 1e-5
+        assert torch.equal(getattr(table.index(others), f), getattr(before, f))
+
+
+def test_one_token_prefill_equals_a_decode_step():
+    model = tiny_model(32, seed=1)
+    table_a, table_b = busy_table(model, 4, seed=2), busy_table(model, 4, seed=2)
+    tokens, slots = torch.tensor([5, 77]), torch.tensor([3, 0])
+    a = model.prefill(tokens[:, None], table_a, slots)
+    b = model.decode_step(tokens, table_b, slots)
+    assert rel_err(a, b) <= 1e-5  # the chunked prefill form and the one-step form round differently
+    for f in FIELDS:
+        assert rel_err(getattr(table_a, f), getattr(table_b, f)) <= 1e-5
+
+
+def test_weights_changed_in_place_or_replaced_are_picked_up():
+    model = tiny_model(32, seed=3)
+    tokens, slots = torch.tensor([1, 2]), torch.tensor([0, 1])
+    model.decode_step(tokens, busy_table(model, 2, seed=0), slots)  # builds the stacked copies
+    with torch.no_grad():
+        model.blocks[1].att.a1.mul_(-3.0)        # stacked into the LoRA copy
+        model.blocks[2].att.x_g.add_(0.5)        # stacked into the mix copy
+    model.blocks[0].att.k_a.data = model.blocks[0].att.k_a.data * 0.5   # replaced
+    start = busy_table(model, 2, seed=4)
+    with torch.no_grad():
+        want, _ = model(tokens[:, None], start)
+    got = model.decode_step(tokens, start.clone(), slots)
+    assert rel_err(got, want[:, 0]) <= 1e-5
+
+
+def test_bf16_serving_stays_close_to_fp32():
+    model = tiny_model(32, seed=7)
+    seqs = torch.randint(0, VOCAB, (3, 8), generator=torch.Generator().manual_seed(8))
+    slots = torch.tensor([2, 0, 1])
+    want = run_serving(model, busy_table(model, 3, seed=9), slots, seqs, 4)
+    half = tiny_model(32, seed=7, dtype=torch.bfloat16)
+    got = run_serving(half, busy_table(model, 3, seed=9).to("cpu", torch.bfloat16), slots, seqs, 4)
+    assert got.dtype == torch.bfloat16 and rel_err(got, want) <= 5e-2
+
+
+def test_a_failing_compiler_falls_back_to_the_eager_maths(monkeypatch, caplog):
+    model = tiny_model(32, seed=10)
+    tokens, slots = torch.tensor([3, 4]), torch.tensor([1, 0])
+    want = model.decode_step(tokens, busy_table(model, 2, seed=11), slots)
+
+    def broken_compile(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("inductor is not available here\nsecond line")
+        return compiled
+
+    monkeypatch.setattr(rwkv7_module, "_compiled", rwkv7_module._Compiled())
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model.compile_serving = True
+    got = model.decode_step(tokens, busy_table(model, 2, seed=11), slots)
+    assert torch.equal(got, want)
+    assert rwkv7_module._compiled.error == "RuntimeError: inductor is not available here"
+    assert "running eagerly" in caplog.text
+    assert model._serving_maths() == (rwkv7_module._mix_in, rwkv7_module._block_out)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_serving_matches_forward_with_graphs(compiled):
+    from rwkv_app.infer.cudagraph import GraphedDecode
+
+    dev = torch.device("cuda")
+    model = tiny_model(64, seed=12).to(dev, torch.bfloat16)
+    model.compile_serving = compiled
+    B, S = 3, 6
+    slots = torch.tensor([4, 0, 2], device=dev)
+    seqs = torch.randint(1, VOCAB, (B, 12), generator=torch.Generator().manual_seed(13)).to(dev)
+    with torch.no_grad():
+        want, _ = model(seqs)
+    table = model.new_state(S + 1)  # + the scratch slot of the padded graph batches
+    graphed = GraphedDecode(model, table, S, scratch_slot=S)
+    with torch.inference_mode():
+        got = [model.prefill(seqs[:, :6], table, slots)]
+        got += [graphed(seqs[:, t], slots).clone() for t in range(6, 12)]
+    assert graphed.disabled is None and rwkv7_module._compiled.error is None
+    assert rel_err(torch.stack(got, 1), want[:, 5:]) <= 3e-2
