@@ -342,3 +342,14 @@ def test_bad_input_is_one_line_and_writes_nothing(counting, monkeypatch):
         assert "pip install wandb" in error_of(train, wandb)
     runs = counting / "runs"
     assert not runs.exists() or not any(runs.rglob("*.safetensors"))
+
+
+def test_deepspeed_config_keeps_bf16_autocast_and_fp32_reductions(tmp_path):
+    from rwkv_app.train.engine import Placement, deepspeed_config
+
+    cfg = tiny_config(tmp_path, strategy="deepspeed_stage_2", gradient_accumulation_steps=2, gradient_clip_val=0.5)
+    bf16 = deepspeed_config(cfg, Placement(device=torch.device("cpu"), world_size=2, autocast_dtype=torch.bfloat16))
+    assert bf16["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    assert (bf16["train_batch_size"], bf16["gradient_clipping"], bf16["zero_optimization"]["stage"]) == (16, 0.5, 2)
+    fp32 = deepspeed_config(cfg, Placement(device=torch.device("cpu")))
+    assert "torch_autocast" not in fp32
