@@ -38,6 +38,161 @@ def _token_shift(h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     return torch.cat([prev.unsqueeze(1), h[:, :-1]], dim=1)
 
 
+# --------------------------------------------------------------------------------------------------- training maths
+# A block is two pure functions of tensors around the WKV op: `_block_before_wkv` (LayerNorms, token shift,
+# projections -> the six WKV inputs) and `_block_after_wkv` (GroupNorm, bonus, gate, output, channel mix). Being
+# pure, one `torch.compile` of each serves every layer (block 0 is a second variant), and the compiled versions fuse
+# the elementwise work and keep only bf16 activations for the backward (`RWKV7.compile_training`).
+
+
+class TimeMixWeights(NamedTuple):
+    """A TimeMix's parameters (the Parameters themselves) for the pure training maths; v0/v1/v2 are None in
+    block 0, which never uses them."""
+
+    mix: tuple[torch.Tensor, ...]   # x_r, x_w, x_k, x_v, x_a, x_g, each [1, 1, C]
+    w0: torch.Tensor                # [1, 1, C]
+    w1: torch.Tensor                # [C, Dw]
+    w2: torch.Tensor                # [Dw, C]
+    a0: torch.Tensor
+    a1: torch.Tensor
+    a2: torch.Tensor
+    v0: Optional[torch.Tensor]
+    v1: Optional[torch.Tensor]
+    v2: Optional[torch.Tensor]
+    g1: torch.Tensor                # [C, Dg]
+    g2: torch.Tensor                # [Dg, C]
+    k_k: torch.Tensor               # [1, 1, C]
+    k_a: torch.Tensor               # [1, 1, C]
+    r_k: torch.Tensor               # [H, N]
+    receptance: torch.Tensor        # [C, C] nn.Linear weights (out, in)
+    key: torch.Tensor
+    value: torch.Tensor
+    output: torch.Tensor
+    ln_x: tuple[torch.Tensor, torch.Tensor]  # GroupNorm weight, bias [C]
+
+
+def _time_mix_project(p: TimeMixWeights, h: torch.Tensor, shifted: torch.Tensor, v_first: Optional[torch.Tensor]):
+    """ln1 output h [B, T, C] and its token shift -> (the six WKV inputs [B, T, H, N], (r, k, v, g) for
+    `_time_mix_finish`, v_first). The WKV inputs (w the raw decay, a = -kk, b = kk * a_gate) come in r's dtype, the
+    one the kernel runs in (bf16 under autocast); the bonus in `_time_mix_finish` reads the same r, k, v."""
+    B, T, C = h.shape
+    H, N = p.r_k.shape
+    mixed = torch.addcmul(h, shifted - h, torch.stack(p.mix))            # [6, B, T, C]: h + (shifted - h) * x_*
+    xr, xw, xk, xv, xa, xg = mixed.unbind(0)
+    r = F.linear(xr, p.receptance)
+    w = p.w0 + torch.tanh(xw @ p.w1) @ p.w2                              # raw decay; the decay is taken in the op
+    k = F.linear(xk, p.key)
+    v = F.linear(xv, p.value)
+    if p.v0 is None:  # block 0: its values are every later block's v_first
+        v_first = v
+    else:
+        v = v + (v_first - v) * torch.sigmoid(p.v0 + (xv @ p.v1) @ p.v2)
+    a = torch.sigmoid(p.a0 + (xa @ p.a1) @ p.a2)                         # in-context learning rate
+    g = torch.sigmoid(xg @ p.g1) @ p.g2
+    kk = F.normalize((k * p.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
+    k = k * (1 + (a - 1) * p.k_a)
+    dt = r.dtype
+    k, v = k.to(dt), v.to(dt)
+    heads = lambda x: x.view(B, T, H, N)  # noqa: E731
+    wkv_in = (heads(r), heads(w).to(dt), heads(k), heads(v), (-kk).to(dt), (kk * heads(a)).to(dt))
+    return wkv_in, (r, k, v, g), v_first
+
+
+def _time_mix_finish(p: TimeMixWeights, y: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     g: torch.Tensor) -> torch.Tensor:
+    """WKV output y [B, T, H, N] -> the TimeMix output [B, T, C]: GroupNorm, the r.k bonus, gate, projection."""
+    B, T, C = r.shape
+    H, N = p.r_k.shape
+    y = F.group_norm(y.reshape(B * T, C), H, *p.ln_x, eps=LN_X_EPS).view(B, T, C)
+    bonus = (r * k * p.r_k.view(1, 1, C)).view(B, T, H, N).sum(-1, keepdim=True) * v.view(B, T, H, N)
+    return F.linear((y + bonus.view(B, T, C)) * g, p.output)
+
+
+def _channel_mix(h: torch.Tensor, shifted: torch.Tensor, x_k: torch.Tensor, key: torch.Tensor,
+                 value: torch.Tensor) -> torch.Tensor:
+    """The squared-ReLU MLP of ln2 output h [B, T, C] and its token shift."""
+    kx = torch.addcmul(h, shifted - h, x_k)
+    return F.linear(torch.relu(F.linear(kx, key)) ** 2, value)
+
+
+LayerNormWeights = tuple[torch.Tensor, torch.Tensor, float]  # weight, bias, eps
+
+
+def _block_before_wkv(x: torch.Tensor, att_prev: torch.Tensor, v_first: Optional[torch.Tensor],
+                      ln0: Optional[LayerNormWeights], ln1: LayerNormWeights, p: TimeMixWeights):
+    """Block input x [B, T, C] -> (x after ln0, ln1 output of the last token [B, C], WKV inputs, rest, v_first)."""
+    C = x.shape[-1]
+    if ln0 is not None:
+        x = F.layer_norm(x, (C,), ln0[0], ln0[1], ln0[2])
+    h = F.layer_norm(x, (C,), ln1[0], ln1[1], ln1[2])
+    wkv_in, rest, v_first = _time_mix_project(p, h, _token_shift(h, att_prev), v_first)
+    return x, h[:, -1], wkv_in, rest, v_first
+
+
+def _block_after_wkv(x: torch.Tensor, y: torch.Tensor, rest: tuple, ffn_prev: torch.Tensor, p: TimeMixWeights,
+                     ln2: LayerNormWeights, ffn: tuple[torch.Tensor, torch.Tensor, torch.Tensor], drop: float):
+    """The rest of the block from the WKV output y -> (block output [B, T, C], ln2 output of the last token [B, C]).
+    `drop` is the dropout probability applied to each residual sum, as RWKV-LM does (0 = none)."""
+    C = x.shape[-1]
+    x = x + _time_mix_finish(p, y, *rest)
+    if drop > 0:
+        x = F.dropout(x, drop, training=True)
+    h = F.layer_norm(x, (C,), ln2[0], ln2[1], ln2[2])
+    x = x + _channel_mix(h, _token_shift(h, ffn_prev), *ffn)
+    if drop > 0:
+        x = F.dropout(x, drop, training=True)
+    return x, h[:, -1]
+
+
+EAGER_MATHS = (_block_before_wkv, _block_after_wkv)
+
+
+def prepare_inductor_for_training() -> None:
+    """Inductor settings every training compile here needs (the per-block maths and `compile = true` alike).
+
+    Mix-order reduction (on by default since torch 2.10) fuses the row and column reductions of a LayerNorm
+    backward; it returns [C] instead of [1, 1, C] gradients for our broadcast token-shift parameters ("Compiled-
+    FunctionBackward returned an invalid gradient ... got [768] but expected shape compatible with [1, 1, 768]",
+    pytorch/pytorch#178080) and can leave such gradients unwritten (#193061). Off, the reductions run as two kernels.
+    """
+    import torch._dynamo
+    import torch._inductor.config as inductor
+
+    if hasattr(inductor.triton, "mix_order_reduction"):
+        inductor.triton.mix_order_reduction = False
+    # two variants (block 0 and the others) per function and shape; blocks compiled whole are a variant per layer
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
+
+
+class CompiledOrEager:
+    """`torch.compile(fn)` made on first use, or `fn` itself once compiling failed (logged once): a compiler failure
+    costs speed, never a training run. Out-of-memory errors are not compiler failures and propagate."""
+
+    def __init__(self, fn, what: str):
+        self.fn, self.what = fn, what
+        self.error: Optional[str] = None
+        self._compiled = None
+
+    def __call__(self, *args):
+        if self.error is None:
+            try:
+                if self._compiled is None:
+                    prepare_inductor_for_training()
+                    self._compiled = torch.compile(self.fn, dynamic=False)
+                return self._compiled(*args)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001  (any compiler failure: run eagerly)
+                self.error = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+                log.warning("torch.compile of %s failed, running it eagerly: %s", self.what, self.error)
+        return self.fn(*args)
+
+
+COMPILED_MATHS = (CompiledOrEager(_block_before_wkv, "the training block maths (before the WKV op)"),
+                  CompiledOrEager(_block_after_wkv, "the training block maths (after the WKV op)"))
+
+
 class TimeMix(nn.Module):
     """`blocks.i.att`: token-shifted projections, the WKV-7 recurrence, per-head GroupNorm, the gated output."""
 
@@ -66,36 +221,22 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=LN_X_EPS)
 
+    def weights(self) -> TimeMixWeights:
+        first = self.layer_id == 0
+        return TimeMixWeights(
+            mix=(self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g), w0=self.w0, w1=self.w1, w2=self.w2,
+            a0=self.a0, a1=self.a1, a2=self.a2, v0=None if first else self.v0, v1=None if first else self.v1,
+            v2=None if first else self.v2, g1=self.g1, g2=self.g2, k_k=self.k_k, k_a=self.k_a, r_k=self.r_k,
+            receptance=self.receptance.weight, key=self.key.weight, value=self.value.weight,
+            output=self.output.weight, ln_x=(self.ln_x.weight, self.ln_x.bias))
+
     def project(self, h: torch.Tensor, shifted: torch.Tensor, v_first: Optional[torch.Tensor]):
         """From ln1 output h [B, T, C] and its token shift: the six WKV inputs [B, T, H, N], plus what the output needs."""
-        B, T, C = h.shape
-        H, N = self.n_head, self.head_size
-        xx = shifted - h
-        xr, xw, xk, xv, xa, xg = (torch.addcmul(h, xx, mix) for mix in (self.x_r, self.x_w, self.x_k, self.x_v,
-                                                                          self.x_a, self.x_g))  # h + xx * x_*
-        r = self.receptance(xr)
-        w = self.w0 + torch.tanh(xw @ self.w1) @ self.w2                     # raw decay d; decay inside the op
-        k = self.key(xk)
-        v = self.value(xv)
-        if self.layer_id == 0:
-            v_first = v
-        else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
-        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)               # in-context learning rate
-        g = torch.sigmoid(xg @ self.g1) @ self.g2
-        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
-        k = k * (1 + (a - 1) * self.k_a)
-        heads = lambda x: x.view(B, T, H, N)  # noqa: E731
-        wkv_in = (heads(r), heads(w), heads(k), heads(v), -kk, kk * heads(a))
-        return wkv_in, (r, k, v, g), v_first
+        return _time_mix_project(self.weights(), h, shifted, v_first)
 
     def finish(self, y: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor):
         """WKV output y [B, T, H, N] -> block output [B, T, C]: GroupNorm, the r.k bonus, gate, output projection."""
-        B, T, C = r.shape
-        H, N = self.n_head, self.head_size
-        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
-        bonus = (r * k * self.r_k.view(1, 1, C)).view(B, T, H, N).sum(-1, keepdim=True) * v.view(B, T, H, N)
-        return self.output((y + bonus.view(B, T, C)) * g)
+        return _time_mix_finish(self.weights(), y, r, k, v, g)
 
 
 class ChannelMix(nn.Module):
@@ -108,8 +249,11 @@ class ChannelMix(nn.Module):
         self.value = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=False)
 
     def forward(self, h: torch.Tensor, shifted: torch.Tensor) -> torch.Tensor:
-        kx = torch.addcmul(h, shifted - h, self.x_k)
-        return self.value(torch.relu(self.key(kx)) ** 2)
+        return _channel_mix(h, shifted, self.x_k, self.key.weight, self.value.weight)
+
+
+def _layer_norm_weights(ln: nn.LayerNorm) -> LayerNormWeights:
+    return ln.weight, ln.bias, ln.eps
 
 
 class Block(nn.Module):
@@ -126,29 +270,29 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout_prob) if cfg.dropout_prob > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, v_first: Optional[torch.Tensor], att_shift: torch.Tensor,
-                wkv_state: torch.Tensor, ffn_shift: torch.Tensor):
-        """x [B, T, C] with this layer's carried state -> (x, v_first, att_shift, wkv_state, ffn_shift) after T tokens."""
-        if self.layer_id == 0:
-            x = self.ln0(x)
-        h = self.ln1(x)
-        wkv_in, rest, v_first = self.att.project(h, _token_shift(h, att_shift), v_first)
+                wkv_state: torch.Tensor, ffn_shift: torch.Tensor, maths: tuple = EAGER_MATHS):
+        """x [B, T, C] with this layer's carried state -> (x, v_first, att_shift, wkv_state, ffn_shift) after T tokens.
+        `maths`: the two halves around the WKV op, eager (`EAGER_MATHS`) or compiled (`COMPILED_MATHS`)."""
+        before, after = maths
+        p = self.att.weights()
+        ln0 = _layer_norm_weights(self.ln0) if self.layer_id == 0 else None
+        x, att_shift, wkv_in, rest, v_first = before(x, att_shift, v_first, ln0, _layer_norm_weights(self.ln1), p)
         if torch.is_grad_enabled():
             y, wkv_state = wkv7(*wkv_in, wkv_state)
         else:  # inference: the prefill kernel updates a private copy in place
             wkv_state = wkv_state.clone()
             y = wkv7_inference(*wkv_in, wkv_state)
-        x = self.drop(x + self.att.finish(y, *rest))  # RWKV-LM applies dropout to the residual sum
-        att_shift = h[:, -1]
-        h = self.ln2(x)
-        x = self.drop(x + self.ffn(h, _token_shift(h, ffn_shift)))
-        return x, v_first, att_shift, wkv_state, h[:, -1]
+        drop = self.drop.p if isinstance(self.drop, nn.Dropout) and self.training else 0.0
+        ffn = (self.ffn.x_k, self.ffn.key.weight, self.ffn.value.weight)
+        x, ffn_shift = after(x, y, rest, ffn_shift, p, _layer_norm_weights(self.ln2), ffn, drop)
+        return x, v_first, att_shift, wkv_state, ffn_shift
 
 
 # ---------------------------------------------------------------------------------------------------- serving maths
 # `prefill` and `decode_step` run each block as two pure functions around the WKV op, written for few kernels: one
 # lerp builds all six token-shift mixes, one batched matmul each way runs the w/a/v LoRAs, the residual adds ride
 # on the output matmuls (addmm), and the shift rows are gathered/scattered once per step for all layers. The same
-# functions, under `torch.compile`, become a handful of fused kernels per block (`RWKV7.compile_serving`).
+# functions, under `torch.compile`, become a handful of fused kernels per block (`RWKV7.compile_decode`).
 
 LN_EPS = 1e-5  # nn.LayerNorm's default, used by ln0/ln1/ln2/ln_out
 
@@ -299,7 +443,9 @@ class RWKV7(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.grad_checkpoint = False  # recompute each block during backward (training memory for compute)
-        self.compile_serving = False  # prefill/decode_step: torch.compile the per-block maths (worth it on CUDA)
+        self.compile_training = True  # training on CUDA: the block maths run torch.compile'd (COMPILED_MATHS)
+        self._blocks_compiled = False  # `compile_blocks` was called
+        self.compile_decode = False  # decode_step: torch.compile the per-block maths (worth it on CUDA)
         self._serving_cache: Optional[tuple] = None  # (weight versions, [ServingWeights]) for the serving paths
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
@@ -333,12 +479,26 @@ class RWKV7(nn.Module):
         v_first = None
         att, wkv_, ffn = [], [], []
         recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled()
+        maths = self._block_maths(x)
         for i, block in enumerate(self.blocks):
-            args = (x, v_first, state.att_shift[i], state.wkv[i], state.ffn_shift[i])
+            args = (x, v_first, state.att_shift[i], state.wkv[i], state.ffn_shift[i], maths)
             out = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
             x, v_first = out[0], out[1]
             att.append(out[2]), wkv_.append(out[3]), ffn.append(out[4])
         return x, RWKV7State(torch.stack(att), torch.stack(wkv_), torch.stack(ffn))
+
+    def _block_maths(self, x: torch.Tensor) -> tuple:
+        """The block halves around the WKV op: compiled for training on CUDA (unless `compile_training` is off or the
+        blocks are compiled whole), eager otherwise."""
+        fused = self.compile_training and x.is_cuda and torch.is_grad_enabled() and not self._blocks_compiled
+        return COMPILED_MATHS if fused else EAGER_MATHS
+
+    def compile_blocks(self) -> None:
+        """torch.compile every block whole, the WKV op inside the graph (the train TOML's `compile = true`)."""
+        prepare_inductor_for_training()
+        for block in self.blocks:
+            block.compile()
+        self._blocks_compiled = True
 
     def forward(self, tokens: torch.Tensor, state: Optional[RWKV7State] = None) -> tuple[torch.Tensor, RWKV7State]:
         """tokens [B, T] -> logits [B, T, V] and the state after the last token (the input state is left as is)."""
@@ -353,7 +513,7 @@ class RWKV7(nn.Module):
         """Feed tokens [B, T] to the sequences in rows `slots` of `state` (updated in place); logits of the last token [B, V]."""
         B, T = tokens.shape
         H, N = self.cfg.num_heads, self.cfg.head_dim
-        mix_in, block_out = self._serving_maths()
+        mix_in, block_out = _mix_in, _block_out  # long sequences: big elementwise passes, little to fuse
         att_prev = state.att_shift.index_select(1, slots)                 # [L, B, C]
         ffn_prev = state.ffn_shift.index_select(1, slots)
         x, v_first = self.emb(tokens), None                                # [B, T, C]
@@ -375,7 +535,7 @@ class RWKV7(nn.Module):
         """One token per sequence: tokens [B] for state rows `slots` (distinct; updated in place) -> logits [B, V]."""
         B = tokens.shape[0]
         H, N = self.cfg.num_heads, self.cfg.head_dim
-        mix_in, block_out = self._serving_maths()
+        mix_in, block_out = self._decode_maths()
         # one gather and one scatter per shift table for the whole step, not two per layer
         att_prev = state.att_shift.index_select(1, slots)                 # [L, B, C]
         ffn_prev = state.ffn_shift.index_select(1, slots)
@@ -401,9 +561,9 @@ class RWKV7(nn.Module):
             self._serving_cache = (key, layers)
         return self._serving_cache[1]
 
-    def _serving_maths(self):
-        """The two halves of a block for the serving paths: `torch.compile`d when `compile_serving` is on (the
-        engine sets it on CUDA only) and compiling has not failed; plain eager PyTorch otherwise."""
-        if self.compile_serving and _compiled.error is None:
+    def _decode_maths(self):
+        """The two halves of a block for `decode_step`: `torch.compile`d when `compile_decode` is on (the engine
+        sets it on CUDA only) and compiling has not failed; plain eager PyTorch otherwise."""
+        if self.compile_decode and _compiled.error is None:
             return _compiled.mix_in, _compiled.block_out
         return _mix_in, _block_out
