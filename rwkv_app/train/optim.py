@@ -13,6 +13,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from rwkv_app.model.rwkv7 import CompiledOrEager
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: "decay" (2-D .weight, decayed), "1x" and "2x" (att.w0); empty groups are left out."""
@@ -60,13 +62,42 @@ def set_learning_rate(param_groups_: Iterable[dict], lr: float) -> None:
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
+def _loss_rows(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A slice of rows: logits [n, V], targets [n] -> (log-sum-exp per row [n] fp32, summed cross entropy fp32)."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    picked = x.gather(1, targets[:, None]).squeeze(1)
+    return lse, (lse - picked).sum()
+
+
+def _loss_grad_rows(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor,
+                    out: torch.Tensor) -> None:
+    """Writes into `out` [n, V] (logits' dtype) the gradient of `scale` x the summed cross entropy of a slice, plus
+    L2Wrap: max_logit * 1e-4 added at each row's argmax (before the scale)."""
+    x = logits.float()
+    cols = torch.arange(x.shape[1], device=x.device)
+    g = torch.exp(x - lse[:, None])                                     # softmax
+    g = torch.where(cols == targets[:, None], g - 1.0, g)
+    top, where = x.max(dim=-1, keepdim=True)
+    g = torch.where(cols == where, g + top * 1e-4, g)                    # L2Wrap
+    out.copy_(g * scale)
+
+
+# On CUDA the two slice functions run torch.compile'd: one fused pass over the bf16 logits each (no fp32 copies).
+_COMPILED_LOSS = (CompiledOrEager(_loss_rows, "the loss"), CompiledOrEager(_loss_grad_rows, "the loss gradient"))
+
+
+def _loss_fns(logits: torch.Tensor):
+    return _COMPILED_LOSS if logits.is_cuda else (_loss_rows, _loss_grad_rows)
+
+
 class LMLoss(torch.autograd.Function):
     """Mean next-token cross entropy with RWKV-LM's L2Wrap, computed in fp32 a slice of rows at a time.
 
     L2Wrap leaves the loss unchanged and adds max_logit * 1e-4 / (B*T) to the gradient of each position's argmax
-    logit, which keeps the logits from drifting large. Working in slices keeps the extra memory at two fp32 slices
-    (plus the gradient in the logits' dtype) instead of several fp32 copies of the whole [B*T, V] logits, which at
-    V = 65536 are the largest tensors of a training step.
+    logit, which keeps the logits from drifting large. Working in slices keeps the extra memory of the eager
+    functions (the CPU) at a few fp32 slices instead of several fp32 copies of the whole [B*T, V] logits, which at
+    V = 65536 are the largest tensors of a training step; compiled (CUDA), a slice is read once per pass.
     """
 
     ROWS = 4096  # rows per slice: 4096 x 65536 fp32 = 1 GiB
@@ -74,13 +105,12 @@ class LMLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # logits [N, V], targets [N]
         n = logits.shape[0]
+        rows, _ = _loss_fns(logits)
         lse = torch.empty(n, dtype=torch.float32, device=logits.device)  # log-sum-exp per row
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         for s in range(0, n, LMLoss.ROWS):
-            part = logits[s:s + LMLoss.ROWS].float()
-            lse[s:s + LMLoss.ROWS] = torch.logsumexp(part, dim=-1)
-            picked = part.gather(1, targets[s:s + LMLoss.ROWS, None]).squeeze(1)
-            total += (lse[s:s + LMLoss.ROWS] - picked).sum()
+            lse[s:s + LMLoss.ROWS], part = rows(logits[s:s + LMLoss.ROWS], targets[s:s + LMLoss.ROWS])
+            total += part
         ctx.save_for_backward(logits, targets, lse)
         return total / n
 
@@ -88,16 +118,12 @@ class LMLoss(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         logits, targets, lse = ctx.saved_tensors
         n = logits.shape[0]
+        _, grad_rows = _loss_fns(logits)
         grad = torch.empty_like(logits)
         scale = grad_output.float() / n
         for s in range(0, n, LMLoss.ROWS):
-            part = logits[s:s + LMLoss.ROWS].float()
-            g = torch.exp(part - lse[s:s + LMLoss.ROWS, None])  # softmax
-            rows = torch.arange(g.shape[0], device=g.device)
-            g[rows, targets[s:s + LMLoss.ROWS]] -= 1.0
-            top, where = part.max(dim=-1, keepdim=True)
-            g.scatter_add_(-1, where, top * 1e-4)  # L2Wrap, scaled like the loss below
-            grad[s:s + LMLoss.ROWS] = (g * scale).to(grad.dtype)
+            end = s + LMLoss.ROWS
+            grad_rows(logits[s:end], targets[s:end], lse[s:end], scale, grad[s:end])
         return grad, None
 
 

@@ -106,14 +106,7 @@ def build_model(arch: ModelConfig, cfg: TrainConfig, init_weights: Optional[str]
         model.init_weights(cfg.random_seed)
     model.grad_checkpoint = cfg.grad_checkpoint
     if cfg.compile:
-        import torch._dynamo as dynamo
-
-        # blocks differ in static attributes (layer index), so each is its own compiled variant of one function
-        limit = max(dynamo.config.recompile_limit, 2 * len(model.blocks))
-        dynamo.config.recompile_limit = limit
-        dynamo.config.accumulated_recompile_limit = max(dynamo.config.accumulated_recompile_limit, 4 * limit)
-        for block in model.blocks:
-            block.compile()
+        model.compile_blocks()  # else, on CUDA, the block maths around the WKV op are compiled (compile_training)
     return model.train()
 
 
