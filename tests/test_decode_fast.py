@@ -121,12 +121,12 @@ def test_a_failing_compiler_falls_back_to_the_eager_maths(monkeypatch, caplog):
 
     monkeypatch.setattr(rwkv7_module, "_compiled", rwkv7_module._Compiled())
     monkeypatch.setattr(torch, "compile", broken_compile)
-    model.compile_serving = True
+    model.compile_decode = True
     got = model.decode_step(tokens, busy_table(model, 2, seed=11), slots)
     assert torch.equal(got, want)
     assert rwkv7_module._compiled.error == "RuntimeError: inductor is not available here"
     assert "running eagerly" in caplog.text
-    assert model._serving_maths() == (rwkv7_module._mix_in, rwkv7_module._block_out)
+    assert model._decode_maths() == (rwkv7_module._mix_in, rwkv7_module._block_out)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -139,7 +139,7 @@ def test_cuda_serving_matches_forward_with_graphs(compiled):
 
     dev = torch.device("cuda")
     model = tiny_model(64, seed=12).to(dev, torch.bfloat16)
-    model.compile_serving = compiled
+    model.compile_decode = compiled
     B, S = 3, 6
     slots = torch.tensor([4, 0, 2], device=dev)
     seqs = torch.randint(1, VOCAB, (B, 12), generator=torch.Generator().manual_seed(13)).to(dev)

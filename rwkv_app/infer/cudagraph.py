@@ -1,16 +1,17 @@
 """The decode step as CUDA graphs: one replay instead of hundreds of kernel launches per generated token.
 
-At batch 1 a decode step of a 7B model is ~2,000 small kernels; launched one by one from Python they cost more
-than the weights take to stream. Graphs are captured lazily per bucket of batch sizes (1, 2, 4, ... up to the slot
-count); a batch is padded up to its bucket with rows that point at a scratch slot of the state table, so padding
-never touches a real sequence. Inputs go through fixed buffers the graphs read from; the logits come back in a
-fixed buffer too (valid until the next replay).
+Launched one by one from Python, the small kernels of a decode step cost more than the weights take to stream.
+Graphs are captured per bucket of batch sizes (1, 2, 4, ... up to the slot count; `capture_all` at load time); a
+batch is padded up to its bucket with rows that point at a scratch slot of the state table, so padding never
+touches a real sequence. Each bucket reads its tokens and slots from one device buffer [2 * bucket] (tokens, then
+slots), filled by a single host-to-device copy from pinned memory (`run`) or by device copies (`__call__`); the
+logits come back in a fixed buffer too, valid until the next replay of that bucket.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -22,8 +23,12 @@ class GraphedDecode:
         self.model, self.state, self.scratch = model, state, scratch_slot
         dev = state.device
         self.buckets = sorted({min(max_batch, 1 << i) for i in range(max_batch.bit_length() + 1)})
-        self.tokens = torch.zeros(max_batch, dtype=torch.long, device=dev)
-        self.slots = torch.full((max_batch,), scratch_slot, dtype=torch.long, device=dev)
+        # per bucket b: [tokens (b) | slots (b)], what its graph reads; padding = token 0 at the scratch slot
+        self._inputs = {b: torch.cat([torch.zeros(b, dtype=torch.long), torch.full((b,), scratch_slot)]).to(dev)
+                        for b in self.buckets}
+        self._staging = torch.zeros(2 * max_batch, dtype=torch.long, pin_memory=True)  # host side of `run`
+        self._host = self._staging.numpy()
+        self._staged = torch.cuda.Event()  # the last copy out of `_staging` (it must not be overwritten earlier)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
         self.disabled: Optional[str] = None  # why graphs are off (capture failed): eager from then on
@@ -39,29 +44,60 @@ class GraphedDecode:
     def __call__(self, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """tokens, slots [B] on the device -> logits [B, V], exactly what `model.decode_step` returns."""
         B = tokens.shape[0]
-        bucket = next(b for b in self.buckets if b >= B)
-        entry = None if self.disabled else (self._graphs.get(bucket) or self._capture(bucket))
+        bucket = self._bucket(B)
+        entry = self._entry(bucket)
         if entry is None:
             return self.model.decode_step(tokens, self.state, slots)
-        self.tokens[:B].copy_(tokens)
-        self.slots[:B].copy_(slots)
-        self.slots[B:bucket].fill_(self.scratch)
+        buf = self._inputs[bucket]
+        buf[:B].copy_(tokens)
+        buf[bucket:bucket + B].copy_(slots)
+        buf[bucket + B:].fill_(self.scratch)
+        return self._replay(entry, B)
+
+    def run(self, tokens: Sequence[int], slots: Sequence[int]) -> torch.Tensor:
+        """The same from host lists: one pinned host-to-device copy, then the replay (nothing waits for the GPU)."""
+        B = len(tokens)
+        bucket = self._bucket(B)
+        entry = self._entry(bucket)
+        dev = self.state.device
+        if entry is None:
+            return self.model.decode_step(torch.tensor(tokens, device=dev), self.state, torch.tensor(slots, device=dev))
+        self._staged.synchronize()  # normally long done: every step's logits were read back since
+        host = self._host
+        host[:B] = tokens
+        host[B:bucket] = 0
+        host[bucket:bucket + B] = slots
+        host[bucket + B:2 * bucket] = self.scratch
+        self._inputs[bucket].copy_(self._staging[:2 * bucket], non_blocking=True)
+        self._staged.record(torch.cuda.current_stream(dev))
+        return self._replay(entry, B)
+
+    def _bucket(self, B: int) -> int:
+        return next(b for b in self.buckets if b >= B)
+
+    def _entry(self, bucket: int) -> Optional[tuple[torch.cuda.CUDAGraph, torch.Tensor]]:
+        return None if self.disabled else (self._graphs.get(bucket) or self._capture(bucket))
+
+    @staticmethod
+    def _replay(entry: tuple[torch.cuda.CUDAGraph, torch.Tensor], B: int) -> torch.Tensor:
         graph, logits = entry
         graph.replay()
         return logits[:B]
 
     def _capture(self, b: int) -> Optional[tuple[torch.cuda.CUDAGraph, torch.Tensor]]:
-        self.slots[:b].fill_(self.scratch)  # warm-up really runs: let it write the scratch slot only
+        buf = self._inputs[b]
+        tokens, slots = buf[:b], buf[b:]
+        slots.fill_(self.scratch)  # warm-up really runs: let it write the scratch slot only
         try:
-            side = torch.cuda.Stream(self.tokens.device)
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # first calls allocate workspaces and load kernels: not during capture
+            side = torch.cuda.Stream(buf.device)
+            side.wait_stream(torch.cuda.current_stream(buf.device))
+            with torch.cuda.stream(side):  # first calls allocate workspaces, load (or compile) kernels: not in capture
                 for _ in range(2):
-                    self.model.decode_step(self.tokens[:b], self.state, self.slots[:b])
-            torch.cuda.current_stream().wait_stream(side)
+                    self.model.decode_step(tokens, self.state, slots)
+            torch.cuda.current_stream(buf.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                logits = self.model.decode_step(self.tokens[:b], self.state, self.slots[:b])
+                logits = self.model.decode_step(tokens, self.state, slots)
         except Exception as e:  # an op that cannot be captured: serve eagerly rather than not at all
             self.disabled = f"{type(e).__name__}: {e}"
             log.warning("CUDA graph capture failed (decoding without graphs): %s", self.disabled)

@@ -8,11 +8,19 @@ state; `n > 1` prefills once and copies the state row to the other choices.
 
 Backpressure: each handle buffers at most `OUTPUT_BUFFER` events. A sequence whose reader is that far behind sits
 out the decode steps (keeping its slot) until the reader catches up, so a slow reader still gets every token.
+
+Overlap: right after a decode step is sampled, and before its tokens are detokenized and delivered, the worker
+launches the next decode step for the sequences that certainly continue (not ended by token 0, length or cancel;
+room in their buffers), provided no prompt is waiting. The GPU computes that step while the host does the
+per-sequence work; the next iteration consumes it first. A sequence that a stop string ends meanwhile only wasted
+its row; a sequence that was in the launched step always gets that step's token, so no state is ever advanced
+twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -24,7 +32,7 @@ import torch
 
 from rwkv_app.config import ModelConfig
 from rwkv_app.infer.sampling import Sampled, Sampler, SamplingParams
-from rwkv_app.infer.scheduler import Scheduler
+from rwkv_app.infer.scheduler import Scheduler, Step
 from rwkv_app.infer.textstream import Piece, TextStream
 
 log = logging.getLogger(__name__)
@@ -187,7 +195,7 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, model_cfg: ModelConfig, tokenizer: Any, *, max_batch_size: int,
                  max_context_len: int, paragraph_len: int, decode_first: bool, max_queued: int, cuda_graphs: bool = True,
-                 name: str = "engine"):
+                 torch_compile: bool = False, name: str = "engine"):
         from rwkv_app.model.rwkv7 import RWKV7State
 
         self.model, self.tokenizer, self.name = model, tokenizer, name
@@ -201,11 +209,14 @@ class Engine:
         self.sampler = Sampler(max_batch_size, cfg.vocab_size, tokenizer.vocab_size, self.device)
         per_seq = self.state.wkv[:, 0].nbytes + self.state.att_shift[:, 0].nbytes * 2  # bytes of one state
         self.scheduler = Scheduler(paragraph_len, decode_first, max(1, PREFILL_STATE_BYTES // per_seq))
-        self._decode_step = lambda tokens, slots: self.model.decode_step(tokens, self.state, slots)
-        if cuda_graphs and self.device.type == "cuda":
+        on_gpu = self.device.type == "cuda"
+        model.compile_decode = torch_compile and on_gpu  # torch.compile of the decode step's block maths
+        self._graphs = None
+        if cuda_graphs and on_gpu:
             from rwkv_app.infer.cudagraph import GraphedDecode
 
-            self._decode_step = GraphedDecode(model, self.state, max_batch_size, scratch_slot=max_batch_size)
+            self._graphs = GraphedDecode(model, self.state, max_batch_size, scratch_slot=max_batch_size)
+        self._ahead: Optional[tuple[list[_Seq], torch.Tensor]] = None  # a decode step launched, not yet sampled
 
         self._cv = threading.Condition()
         self._inbox: deque[RequestHandle] = deque()
@@ -288,7 +299,7 @@ class Engine:
             with self._cv:
                 self._abort_all("the server is shutting down")
             self._thread.join()
-        self.model = self._decode_step = None  # type: ignore[assignment]  (graphs hold the model too)
+        self.model = self._graphs = self._ahead = None  # type: ignore[assignment]  (graphs hold the model too)
         self.state = self._fresh = None  # type: ignore[assignment]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -301,10 +312,9 @@ class Engine:
 
     def _run(self) -> None:
         try:
-            with torch.inference_mode():
-                capture_all = getattr(self._decode_step, "capture_all", None)
-                if capture_all is not None:
-                    capture_all()  # before the first request, so no request waits for a capture
+            with torch.inference_mode(), _on_device(self.device):
+                if self._graphs is not None:
+                    self._graphs.capture_all()  # before the first request, so no request waits for a capture
                 while self._iterate():
                     pass
         except Exception as e:  # a bug or a device failure: report it, end every request, refuse new ones
@@ -321,9 +331,15 @@ class Engine:
             for handle in self.scheduler.admit(self._waiting, len(self._free)):
                 self._waiting.popleft()
                 self._admit(handle)
-            prefilling = [s for s in self._seqs if s.prefill_remaining > 0]
-            decoding = [s for s in self._seqs if s.prefill_remaining == 0 and s.last_token >= 0 and s.handle._has_room()]
-            step = self.scheduler.next_step(prefilling, decoding)
+            launched = self._ahead and [s for s in self._ahead[0] if not s.done]
+            if launched:  # a decode step already running on the device is consumed before anything else
+                step = Step("decode", launched)
+            else:
+                self._ahead = None
+                prefilling = [s for s in self._seqs if s.prefill_remaining > 0]
+                decoding = [s for s in self._seqs
+                            if s.prefill_remaining == 0 and s.last_token >= 0 and s.handle._has_room()]
+                step = self.scheduler.next_step(prefilling, decoding)
             if step is None:
                 if self._stop and not self._seqs and not self._waiting:
                     return False
@@ -339,6 +355,7 @@ class Engine:
             if not _recoverable(e):
                 raise
             log.exception("engine %s: step failed; ending its requests", self.name)
+            self._ahead = None  # launched for a subset of this step's sequences, which all end here
             with self._cv:
                 for seq in step.seqs:
                     waiting_siblings, seq.siblings = seq.siblings, []
@@ -393,15 +410,42 @@ class Engine:
         self._sample_and_emit(logits[torch.tensor(rows, device=self.device)], members, touched)
 
     def _decode(self, seqs: list[_Seq], touched: set) -> None:
-        tokens = torch.tensor([s.last_token for s in seqs], device=self.device)  # [B]
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        logits = self._decode_step(tokens, slots)  # [B, V]
-        self._sample_and_emit(logits, seqs, touched)
+        if self._ahead is not None:
+            launched, logits = self._ahead
+            self._ahead = None
+            if len(seqs) < len(launched):  # rows of sequences that ended meanwhile are dropped
+                rows = {id(s): i for i, s in enumerate(launched)}
+                logits = logits[torch.tensor([rows[id(s)] for s in seqs], device=self.device)]
+        else:
+            logits = self._launch(seqs, [s.last_token for s in seqs])  # [B, V]
+        self._sample_and_emit(logits, seqs, touched, launch_next=True)
         self.tokens_decoded += len(seqs)
 
-    def _sample_and_emit(self, logits: torch.Tensor, seqs: list[_Seq], touched: set) -> None:
+    def _launch(self, seqs: list[_Seq], tokens: list[int]) -> torch.Tensor:
+        """Start a decode step of `seqs` on these tokens; logits [B, V] (computed asynchronously on a GPU)."""
+        slots = [s.slot for s in seqs]
+        if self._graphs is not None:
+            return self._graphs.run(tokens, slots)
+        return self.model.decode_step(torch.tensor(tokens, device=self.device), self.state,
+                                      torch.tensor(slots, device=self.device))
+
+    def _launch_ahead(self, seqs: list[_Seq], sampled: list[Sampled]) -> None:
+        """Launch the next decode step now (see the module docstring), when it is certainly what comes next."""
+        with self._cv:
+            if self._inbox or self._waiting or len(self._seqs) != len(seqs):
+                return  # a prompt to admit or prefill, or a paused sequence: the scheduler decides
+            going = [(s, smp.token) for s, smp in zip(seqs, sampled)
+                     if smp.token != EOD and s.generated + 1 < s.handle.request.max_new_tokens
+                     and not s.handle.cancelled and len(s.handle._buffer) + 1 < OUTPUT_BUFFER]
+        if going:
+            nxt = [s for s, _ in going]
+            self._ahead = (nxt, self._launch(nxt, [t for _, t in going]))
+
+    def _sample_and_emit(self, logits: torch.Tensor, seqs: list[_Seq], touched: set, launch_next: bool = False) -> None:
         sampled = self.sampler.sample(logits, [s.slot for s in seqs], [s.params for s in seqs],
                                       [s.generator for s in seqs])
+        if launch_next:
+            self._launch_ahead(seqs, sampled)
         with self._cv:
             for seq, smp in zip(seqs, sampled):
                 if seq.done or seq.handle.cancelled:
@@ -457,6 +501,11 @@ class Engine:
             self._release(seq)
         self._accepting = False
         _wake_readers(touched)
+
+
+def _on_device(device: torch.device):
+    """The worker thread's current CUDA device (graph capture and streams default to it); nothing on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _recoverable(e: Exception) -> bool:

@@ -413,8 +413,9 @@ class _Compiled:
         if self._fns is None:
             import torch._dynamo
 
-            # every (block 0 or not) x (decode or prefill) x (batch 1 or dynamic) x device is one compiled graph
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            # a graph per (block 0 or not) x (batch 1 or any batch: the second batch size makes it dynamic) x model
+            # shape x device
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self._fns = (torch.compile(_mix_in, fullgraph=True), torch.compile(_block_out, fullgraph=True))
         return self._fns
 
@@ -423,6 +424,8 @@ class _Compiled:
             try:
                 with self._lock:
                     return self._get()[which](*args)
+            except torch.OutOfMemoryError:
+                raise
             except Exception as e:  # noqa: BLE001  (any compiler failure: serve eagerly)
                 self.error = f"{type(e).__name__}: {e}".splitlines()[0][:500]
                 log.warning("torch.compile of the serving maths failed, running eagerly: %s", self.error)
