@@ -7,16 +7,19 @@ import pytest
 import torch
 
 from rwkv_app.config import ModelConfig
+from rwkv_app.infer.engine import Engine, GenerationRequest
+from rwkv_app.infer.sampling import SamplingParams
 from rwkv_app.model import RWKV7, RWKV7State
 from rwkv_app.model import rwkv7 as rwkv7_module
+from rwkv_app.tokenizer import GenericTokenizer, create_vocab_file_from_tokens
 
 VOCAB = 97
 FIELDS = ("att_shift", "wkv", "ffn_shift")
 
 
-def tiny_model(head_size: int, seed: int, dtype=torch.float32, **extra) -> RWKV7:
-    cfg = ModelConfig(num_cells=3, vocab_size=VOCAB, embedded_dim=64, num_heads=64 // head_size, head_size=head_size,
-                      **extra)
+def tiny_model(head_size: int, seed: int, dtype=torch.float32, vocab_size: int = VOCAB) -> RWKV7:
+    cfg = ModelConfig(num_cells=3, vocab_size=vocab_size, embedded_dim=64, num_heads=64 // head_size,
+                      head_size=head_size)
     model = RWKV7(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # every weight random and non-zero (a fresh init has zero output matrices)
@@ -129,6 +132,64 @@ def test_a_failing_compiler_falls_back_to_the_eager_maths(monkeypatch, caplog):
     assert model._decode_maths() == (rwkv7_module._mix_in, rwkv7_module._block_out)
 
 
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    create_vocab_file_from_tokens([bytes([b]) for b in range(1, 256)], path)
+    return GenericTokenizer(path)
+
+
+def engine_for(model, tok, **kw):
+    args = dict(max_batch_size=4, max_context_len=256, paragraph_len=32, decode_first=True, max_queued=8)
+    return Engine(model, model.cfg, tok, **{**args, **kw}).start()
+
+
+def read_text(handle) -> tuple[list[int], str, str]:
+    tokens, text, reason = [], "", None
+    while (out := handle.next_sync(timeout=60)) is not None:
+        tokens += [p.token for p in out.pieces if p.token >= 0]
+        text += out.text
+        reason = out.finish_reason or reason
+    return tokens, text, reason
+
+
+def test_the_engine_launches_each_decode_step_once_and_ahead_of_the_text_work(tok):
+    model = tiny_model(32, seed=14, vocab_size=256)
+    engine = engine_for(model, tok)
+    launches = []
+    launch = engine._launch
+    engine._launch = lambda seqs, tokens: launches.append(len(seqs)) or launch(seqs, tokens)
+    ahead = engine._launch_ahead
+    ahead_calls = []
+    engine._launch_ahead = lambda *a: ahead_calls.append(engine._ahead) or ahead(*a)
+    try:
+        tokens, reason = engine.generate([5, 6, 7], 12, SamplingParams(temperature=0.0, logit_bias=((0, -100.0),)))
+    finally:
+        engine.close()
+    assert reason == "length" and len(tokens) == 12
+    # the prefill samples token 1; tokens 2..12 take 11 decode steps, each launched exactly once, all but the
+    # first while the previous step's text was still being made (no launch past the length limit)
+    assert engine.steps["decode"] == 11 and launches == [1] * 11 and len(ahead_calls) == 11
+
+
+def test_a_stop_string_met_while_the_next_step_runs_changes_nothing_for_the_others(tok):
+    model = tiny_model(32, seed=15, vocab_size=256)
+    greedy = SamplingParams(temperature=0.0, logit_bias=((0, -100.0),))
+    prompts = [list(b"first prompt"), list(b"another one"), list(b"and a third")]
+    engine = engine_for(model, tok)
+    try:
+        alone = [read_text(engine.submit(GenerationRequest(p, greedy, 16))) for p in prompts]
+        stop = alone[0][1][6:8]  # ends request 0 after about 8 tokens, mid-batch
+        handles = [engine.submit(GenerationRequest(p, greedy, 16, stops=[stop] if i == 0 else []))
+                   for i, p in enumerate(prompts)]
+        together = [read_text(h) for h in handles]
+        assert engine.active_slots == 0
+    finally:
+        engine.close()
+    assert together[0][2] == "stop" and together[0][1] == alone[0][1][:alone[0][1].index(stop)]
+    assert together[1:] == alone[1:]
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -149,6 +210,7 @@ def test_cuda_serving_matches_forward_with_graphs(compiled):
     graphed = GraphedDecode(model, table, S, scratch_slot=S)
     with torch.inference_mode():
         got = [model.prefill(seqs[:, :6], table, slots)]
-        got += [graphed(seqs[:, t], slots).clone() for t in range(6, 12)]
+        got += [graphed(seqs[:, t], slots).clone() for t in range(6, 9)]
+        got += [graphed.run(seqs[:, t].tolist(), slots.tolist()).clone() for t in range(9, 12)]
     assert graphed.disabled is None and rwkv7_module._compiled.error is None
     assert rel_err(torch.stack(got, 1), want[:, 5:]) <= 3e-2
