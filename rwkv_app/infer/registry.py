@@ -110,7 +110,7 @@ class ServedModel:
                 engine = Engine(model, entry.arch, tokenizer, max_batch_size=entry.max_batch_size,
                                 max_context_len=entry.max_context_len, paragraph_len=entry.paragraph_len,
                                 decode_first=entry.decode_first, max_queued=max_queued,
-                                cuda_graphs=entry.cuda_graphs,
+                                cuda_graphs=entry.cuda_graphs, torch_compile=entry.torch_compile,
                                 name=f"{entry.model_name}#{i}").start()
                 engines.append(engine)
                 try:
