@@ -1,11 +1,13 @@
 """Engine-only inference speed: decode tokens/s per batch size and prefill tokens/s, random weights of any config.
 
-Three decode figures per batch size B (B sequences, one token each per step):
-  model  eager `model.decode_step` over a slot table (the forward alone)
-  graph  the same step replayed as a CUDA graph (what the engine runs on CUDA)
-  engine the whole serving engine: B requests decoding together, with sampling (greedy), detokenizing and the
-         per-step bookkeeping; measured over steady-state decode steps only
-plus prefill (`model.prefill` of B x T tokens). Before timing, the graphed step is checked against the eager one.
+Decode figures per batch size B (B sequences, one token each per step, over a slot table in a shuffled order):
+  model    eager `model.decode_step` (every kernel launched from Python)
+  graph    the same step replayed as a CUDA graph (`rwkv_app/infer/cudagraph.py`)
+  compiled the graph of the step with its block maths under torch.compile (`model.compile_decode`)
+  engine   the whole serving engine: B requests decoding together, with sampling (greedy), detokenizing and the
+           per-step bookkeeping, steady-state decode steps only; it runs the faster of graph / compiled
+plus prefill (`model.prefill` of B x T tokens). Every graph is first checked against the eager step: `err` is
+max |graph - eager| / std(eager) of the logits.
 
     python benchmarks/decode.py --model-cfg rwkv-lm-7.2b --batches 1,8,32,128,512 --json out.json
     python benchmarks/decode.py --model-cfg demo --device cpu --dtype fp32 --batches 1,4 --steps 8   # smoke run
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -27,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rwkv_app.config import ModelConfig, load_model_config  # noqa: E402
 from rwkv_app.infer.engine import Engine, GenerationRequest  # noqa: E402
 from rwkv_app.infer.sampling import SamplingParams  # noqa: E402
+from rwkv_app.model import rwkv7  # noqa: E402
 from rwkv_app.model.rwkv7 import RWKV7  # noqa: E402
 from rwkv_app.model.state import RWKV7State  # noqa: E402
 
@@ -83,32 +87,49 @@ def _time(fn, device: torch.device, steps: int) -> float:
     return sorted(rounds)[1]
 
 
-def bench_step(model, cfg, device, dtype, batch: int, steps: int, graphs: bool) -> dict:
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).abs().max() / want.float().std()).item()
+
+
+def bench_step(model, cfg, device, dtype, batch: int, steps: int, variants: list[bool]) -> dict:
+    """Eager step, then one graph per variant (False = eager maths, True = compiled maths), each checked first."""
     from rwkv_app.infer.cudagraph import GraphedDecode
 
+    g = torch.Generator(device=device).manual_seed(batch)
     state = RWKV7State.zeros(cfg, batch + 1, device, dtype)
-    tokens = torch.randint(1, cfg.vocab_size, (batch,), device=device)
-    slots = torch.arange(batch, device=device)
+    for t in (state.att_shift, state.wkv, state.ffn_shift):  # sequences mid-way, not zeros
+        t.copy_(torch.randn(t.shape, generator=g, device=device, dtype=torch.float32).mul_(0.5))
+    tokens = torch.randint(1, cfg.vocab_size, (batch,), device=device, generator=g)
+    slots = torch.randperm(batch, device=device, generator=g)
     out = {"batch": batch}
     with torch.inference_mode():
-        eager = lambda: model.decode_step(tokens, state, slots)  # noqa: E731
-        out["model_tok_s"] = batch / _time(eager, device, steps)
-        if graphs and device.type == "cuda":
-            graphed = GraphedDecode(model, state, batch, scratch_slot=batch)
-            snapshot = state.clone()
-            want = model.decode_step(tokens, state, slots).float()
+        model.compile_decode = False
+        snapshot = state.clone()
+        want = model.decode_step(tokens, state, slots).clone()
+        out["model_tok_s"] = batch / _time(lambda: model.decode_step(tokens, state, slots), device, steps)
+        for compiled in variants:
+            key = "compiled" if compiled else "graph"
+            model.compile_decode = compiled
             state.assign(torch.arange(batch + 1, device=device), snapshot)
-            got = graphed(tokens, slots).float()
-            out["graph_max_abs_diff"] = (got - want).abs().max().item()
-            out["graph_disabled"] = graphed.disabled
-            out["graph_tok_s"] = batch / _time(lambda: graphed(tokens, slots), device, steps)
+            graphed = GraphedDecode(model, state, batch, scratch_slot=batch)
+            t0 = time.perf_counter()
+            got = graphed(tokens, slots)
+            out[f"{key}_first_call_s"] = time.perf_counter() - t0  # capture (and compile) included
+            out[f"{key}_err"] = _rel_err(got, want)
+            out[f"{key}_disabled"] = graphed.disabled
+            out[f"{key}_tok_s"] = batch / _time(lambda: graphed(tokens, slots), device, steps)
+            del graphed
+        model.compile_decode = False
+    if True in variants:
+        out["compile_error"] = rwkv7._compiled.error
     return out
 
 
-def bench_engine(model, cfg, device, batch: int, steps: int, graphs: bool) -> float:
+def bench_engine(model, cfg, device, batch: int, steps: int, graphs: bool, compiled: bool) -> float:
     """Steady-state decode tokens/s of the whole engine with `batch` concurrent greedy requests."""
     engine = Engine(model, cfg, _VocabTokenizer(cfg.vocab_size), max_batch_size=batch, max_context_len=1 << 20,
-                    paragraph_len=64, decode_first=False, max_queued=batch, cuda_graphs=graphs).start()
+                    paragraph_len=64, decode_first=False, max_queued=batch, cuda_graphs=graphs,
+                    torch_compile=compiled).start()
     warm = 3
     params = SamplingParams(temperature=0.0, logit_bias=((0, -100.0),))  # random weights must not end early
     handles = [engine.submit(GenerationRequest([1 + i % 100] * 16, params, warm + steps + 8)) for i in range(batch)]
@@ -123,7 +144,7 @@ def bench_engine(model, cfg, device, batch: int, steps: int, graphs: bool) -> fl
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        deadline = time.perf_counter() + 120
+        deadline = time.perf_counter() + 300
 
         def wait_steps(n):
             while engine.steps["decode"] < n:
@@ -142,6 +163,7 @@ def bench_engine(model, cfg, device, batch: int, steps: int, graphs: bool) -> fl
             h.cancel()
         engine.close(timeout=60)
         reader.join()
+        model.compile_decode = False
 
 
 def bench_prefill(model, cfg, device, dtype, batch: int, length: int, steps: int) -> float:
@@ -152,57 +174,93 @@ def bench_prefill(model, cfg, device, dtype, batch: int, length: int, steps: int
         return batch * length / _time(lambda: model.prefill(tokens, state, slots), device, steps)
 
 
+def environment(device: torch.device, dtype: str) -> dict:
+    env = {"torch": torch.__version__, "cuda": torch.version.cuda, "dtype": dtype, "python": sys.version.split()[0],
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    if device.type == "cuda":
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return env
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config-dir", default=str(Path(__file__).resolve().parents[1] / "config"))
     ap.add_argument("--model-cfg", action="append", required=True, help="config/model NAME (repeatable)")
     ap.add_argument("--batches", default="1,8,32,128,512")
-    ap.add_argument("--steps", type=int, default=32, help="timed decode steps per round")
-    ap.add_argument("--prefill", default="1x2048,8x1024", help="BxT shapes for prefill timing")
+    ap.add_argument("--steps", type=int, default=16, help="timed decode steps per round")
+    ap.add_argument("--prefill", default="1x2048,8x1024", help="BxT shapes for prefill timing ('' for none)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     ap.add_argument("--no-engine", action="store_true", help="skip the whole-engine figures")
     ap.add_argument("--no-graphs", action="store_true")
-    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--compile", choices=("off", "on", "both"), default="both",
+                    help="graph variants: eager block maths, compiled, or both (CUDA only)")
+    ap.add_argument("--budget-s", type=float, default=0, help="skip what is left after this many seconds (0: none)")
+    ap.add_argument("--json", help="write the results here (rewritten after every row)")
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     batches = [int(b) for b in args.batches.split(",")]
-    env = {"torch": torch.__version__, "cuda": torch.version.cuda, "dtype": args.dtype,
-           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    graphs = not args.no_graphs and device.type == "cuda"
+    variants = {"off": [False], "on": [True], "both": [False, True]}[args.compile] if graphs else []
+    start = time.perf_counter()
+    over = lambda: args.budget_s > 0 and time.perf_counter() - start > args.budget_s  # noqa: E731
+    env = environment(device, args.dtype)
     print(json.dumps(env))
     results = {"env": env, "models": {}}
+
+    def save():
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+
     for name in args.model_cfg:
+        if over():
+            break
         cfg = load_model_config(args.config_dir, name)
         model = random_model(cfg, device, dtype)
-        rows = []
+        torch._dynamo.reset()  # one model per process, as in a server: its own compiled graphs
+        rows, prefill = [], []
+        results["models"][name] = {"decode": rows, "prefill": prefill, "params": cfg.num_parameters}
         print(f"\n{name}: L{cfg.n_layer} C{cfg.n_embd} V{cfg.vocab_size} ({cfg.num_parameters / 1e9:.2f}B params)")
-        print(f"{'batch':>6} {'model tok/s':>12} {'graph tok/s':>12} {'engine tok/s':>13} {'graph vs eager':>15}")
+        print(f"{'batch':>6} {'model':>9} {'graph':>9} {'compiled':>9} {'engine':>9}   tok/s; err graph / compiled")
         for b in batches:
-            row = bench_step(model, cfg, device, dtype, b, args.steps, not args.no_graphs)
-            if not args.no_engine:
+            if over():
+                break
+            row = bench_step(model, cfg, device, dtype, b, args.steps, variants)
+            rows.append(row)
+            use_compiled = row.get("compiled_tok_s", 0) > row.get("graph_tok_s", 0) and not row.get("compile_error")
+            if not args.no_engine and not over():
                 try:
-                    row["engine_tok_s"] = bench_engine(model, cfg, device, b, args.steps, not args.no_graphs)
+                    row["engine_tok_s"] = bench_engine(model, cfg, device, b, args.steps, graphs, use_compiled)
+                    row["engine_compiled"] = use_compiled
                 except RuntimeError as e:
                     row["engine_error"] = str(e)
                     print(e, flush=True)
-            rows.append(row)
-            print(f"{b:>6} {row['model_tok_s']:>12,.0f} {row.get('graph_tok_s', float('nan')):>12,.0f} "
-                  f"{row.get('engine_tok_s', float('nan')):>13,.0f} {row.get('graph_max_abs_diff', float('nan')):>15.2e}",
-                  flush=True)
+            nan = float("nan")
+            print(f"{b:>6} {row['model_tok_s']:>9,.0f} {row.get('graph_tok_s', nan):>9,.0f} "
+                  f"{row.get('compiled_tok_s', nan):>9,.0f} {row.get('engine_tok_s', nan):>9,.0f}   "
+                  f"{row.get('graph_err', nan):.1e} / {row.get('compiled_err', nan):.1e}"
+                  f"{'  compile error: ' + row['compile_error'] if row.get('compile_error') else ''}", flush=True)
+            save()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        prefill = []
-        for shape in args.prefill.split(","):
+        for shape in filter(None, args.prefill.split(",")):
+            if over():
+                break
             pb, pt = (int(x) for x in shape.split("x"))
             tps = bench_prefill(model, cfg, device, dtype, pb, pt, max(2, args.steps // 8))
             prefill.append({"batch": pb, "length": pt, "tok_s": tps})
             print(f"prefill {pb}x{pt}: {tps:,.0f} tok/s", flush=True)
-        results["models"][name] = {"decode": rows, "prefill": prefill, "params": cfg.num_parameters}
+            save()
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    results["elapsed_s"] = time.perf_counter() - start
+    save()
+    print(f"elapsed {results['elapsed_s']:.0f} s")
     return 0
 
 

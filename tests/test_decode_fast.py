@@ -98,8 +98,11 @@ def test_weights_changed_in_place_or_replaced_are_picked_up():
     start = busy_table(model, 2, seed=4)
     with torch.no_grad():
         want, _ = model(tokens[:, None], start)
-    got = model.decode_step(tokens, start.clone(), slots)
+    with torch.inference_mode():
+        got = model.decode_step(tokens, start.clone(), slots)
     assert rel_err(got, want[:, 0]) <= 1e-5
+    stacked = model._serving_weights()[1]
+    assert not stacked.lora_down.requires_grad and not stacked.lora_down.is_inference()
 
 
 def test_bf16_serving_stays_close_to_fp32():

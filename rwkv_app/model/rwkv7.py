@@ -559,7 +559,8 @@ class RWKV7(nn.Module):
         params = list(self.parameters())
         key = tuple((p.data_ptr(), p._version) for p in params)
         if self._serving_cache is None or self._serving_cache[0] != key:
-            with torch.inference_mode(False):  # plain tensors: usable inside and outside inference mode
+            # plain tensors (usable inside and outside inference mode) that no autograd graph holds on to
+            with torch.inference_mode(False), torch.no_grad():
                 layers = [ServingWeights.of(block) for block in self.blocks]
             self._serving_cache = (key, layers)
         return self._serving_cache[1]
