@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from rwkv_app.config import ModelConfig
 from rwkv_app.model.state import RWKV7State
@@ -77,8 +77,10 @@ def _time_mix_project(p: TimeMixWeights, h: torch.Tensor, shifted: torch.Tensor,
     one the kernel runs in (bf16 under autocast); the bonus in `_time_mix_finish` reads the same r, k, v."""
     B, T, C = h.shape
     H, N = p.r_k.shape
-    mixed = torch.addcmul(h, shifted - h, torch.stack(p.mix))            # [6, B, T, C]: h + (shifted - h) * x_*
-    xr, xw, xk, xv, xa, xg = mixed.unbind(0)
+    # six separate lerps: compiled, they fuse into one pass anyway, and the backward of a stacked [6, B, T, C] lerp
+    # would materialise its gradient as one more copy
+    xx = shifted - h
+    xr, xw, xk, xv, xa, xg = (torch.addcmul(h, xx, mix) for mix in p.mix)  # h + (shifted - h) * x_*
     r = F.linear(xr, p.receptance)
     w = p.w0 + torch.tanh(xw @ p.w1) @ p.w2                              # raw decay; the decay is taken in the op
     k = F.linear(xk, p.key)
@@ -167,7 +169,8 @@ def prepare_inductor_for_training() -> None:
 
 class CompiledOrEager:
     """`torch.compile(fn)` made on first use, or `fn` itself once compiling failed (logged once): a compiler failure
-    costs speed, never a training run. Out-of-memory errors are not compiler failures and propagate."""
+    costs speed, never a training run. Only compiler errors fall back: anything else (out of memory, the control
+    flow of activation checkpointing) propagates."""
 
     def __init__(self, fn, what: str):
         self.fn, self.what = fn, what
@@ -181,9 +184,7 @@ class CompiledOrEager:
                     prepare_inductor_for_training()
                     self._compiled = torch.compile(self.fn, dynamic=False)
                 return self._compiled(*args)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as e:  # noqa: BLE001  (any compiler failure: run eagerly)
+            except torch._dynamo.exc.TorchDynamoException as e:  # tracing or code generation failed: run eagerly
                 self.error = f"{type(e).__name__}: {e}".splitlines()[0][:500]
                 log.warning("torch.compile of %s failed, running it eagerly: %s", self.what, self.error)
         return self.fn(*args)
@@ -485,7 +486,12 @@ class RWKV7(nn.Module):
         maths = self._block_maths(x)
         for i, block in enumerate(self.blocks):
             args = (x, v_first, state.att_shift[i], state.wkv[i], state.ffn_shift[i], maths)
-            out = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
+            if recompute:
+                # no early stop: it ends the recomputation by raising from inside the last compiled function
+                with set_checkpoint_early_stop(False):
+                    out = checkpoint(block, *args, use_reentrant=False)
+            else:
+                out = block(*args)
             x, v_first = out[0], out[1]
             att.append(out[2]), wkv_.append(out[3]), ffn.append(out[4])
         return x, RWKV7State(torch.stack(att), torch.stack(wkv_), torch.stack(ffn))
