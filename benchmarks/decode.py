@@ -7,10 +7,13 @@ Decode figures per batch size B (B sequences, one token each per step, over a sl
   engine   the whole serving engine: B requests decoding together, with sampling (greedy), detokenizing and the
            per-step bookkeeping, steady-state decode steps only; it runs the faster of graph / compiled
 plus prefill (`model.prefill` of B x T tokens). Every graph is first checked against the eager step: `err` is
-max |graph - eager| / std(eager) of the logits.
+max |graph - eager| / std(eager) of the logits. `--count-ops` prints instead how many ATen ops (views excluded,
+the WKV step counted as its one kernel) one eager decode step dispatches: what a CUDA graph replays, kernel for
+kernel. It runs on the meta device, so any config size counts in a second.
 
     python benchmarks/decode.py --model-cfg rwkv-lm-7.2b --batches 1,8,32,128,512 --json out.json
     python benchmarks/decode.py --model-cfg demo --device cpu --dtype fp32 --batches 1,4 --steps 8   # smoke run
+    python benchmarks/decode.py --model-cfg rwkv-lm-7.2b --model-cfg rwkv-lm-0.1b --count-ops
 """
 
 from __future__ import annotations
@@ -166,6 +169,53 @@ def bench_engine(model, cfg, device, batch: int, steps: int, graphs: bool, compi
         model.compile_decode = False
 
 
+VIEW_OPS = {"view", "_unsafe_view", "reshape", "_reshape_alias", "unsqueeze", "squeeze", "select", "slice", "t",
+            "transpose", "expand", "permute", "unbind", "split", "alias", "as_strided", "detach", "lift_fresh"}
+
+
+def count_ops(cfg: ModelConfig, batch: int = 1) -> dict[str, int]:
+    """ATen ops one eager `decode_step` dispatches (views excluded; the WKV step counts as one, as on CUDA)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: Counter = Counter()
+
+    class Count(TorchDispatchMode):
+        on = True
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if self.on and name not in VIEW_OPS:
+                counts[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.device("meta"):
+        model = RWKV7(cfg).eval()
+        state = RWKV7State.zeros(cfg, batch + 1, "meta")
+    tokens, slots = torch.zeros(batch, dtype=torch.long, device="meta"), torch.arange(batch, device="meta")
+    mode = Count()
+    wkv_step = rwkv7.wkv7_decode
+
+    def one_kernel(table, slots, r, *rest):  # the CUDA decode kernel (the PyTorch fallback would count a dozen)
+        mode.on = False
+        out = torch.empty_like(r)
+        mode.on = True
+        counts["wkv7_decode"] += 1
+        return out
+
+    rwkv7.wkv7_decode = one_kernel
+    try:
+        with torch.no_grad():
+            model.decode_step(tokens, state, slots)  # builds the stacked weight copies first
+            counts.clear()
+            with mode:
+                model.decode_step(tokens, state, slots)
+    finally:
+        rwkv7.wkv7_decode = wkv_step
+    return dict(counts.most_common())
+
+
 def bench_prefill(model, cfg, device, dtype, batch: int, length: int, steps: int) -> float:
     state = RWKV7State.zeros(cfg, batch, device, dtype)
     tokens = torch.randint(1, cfg.vocab_size, (batch, length), device=device)
@@ -201,7 +251,15 @@ def main(argv=None) -> int:
                     help="graph variants: eager block maths, compiled, or both (CUDA only)")
     ap.add_argument("--budget-s", type=float, default=0, help="skip what is left after this many seconds (0: none)")
     ap.add_argument("--json", help="write the results here (rewritten after every row)")
+    ap.add_argument("--count-ops", action="store_true", help="only count the ops of one eager decode step")
     args = ap.parse_args(argv)
+    if args.count_ops:
+        for name in args.model_cfg:
+            cfg = load_model_config(args.config_dir, name)
+            ops = count_ops(cfg)
+            total = sum(ops.values())
+            print(f"{name}: {total} ops per decode step, {total / cfg.n_layer:.1f} per layer; {ops}")
+        return 0
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     batches = [int(b) for b in args.batches.split(",")]
     graphs = not args.no_graphs and device.type == "cuda"

@@ -519,7 +519,8 @@ class RWKV7(nn.Module):
     # ------------------------------------------------------------------------------------------------ serving
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, state: RWKV7State, slots: torch.Tensor) -> torch.Tensor:
-        """Feed tokens [B, T] to the sequences in rows `slots` of `state` (updated in place); logits of the last token [B, V]."""
+        """Feed tokens [B, T] to the sequences in rows `slots` of `state` (updated in place) -> logits of the last
+        token [B, V]."""
         B, T = tokens.shape
         H, N = self.cfg.num_heads, self.cfg.head_dim
         mix_in, block_out = _mix_in, _block_out  # long sequences: big elementwise passes, little to fuse
