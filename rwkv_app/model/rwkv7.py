@@ -300,7 +300,7 @@ LN_EPS = 1e-5  # nn.LayerNorm's default, used by ln0/ln1/ln2/ln_out
 
 class ServingWeights(NamedTuple):
     """One block's weights as the serving maths reads them: the parameters themselves, except the stacked copies
-    (`mix`, `lora_*`, `k_keep`) made once per weight version by `RWKV7._serving_weights`."""
+    (`mix`, `lora_*`, `k_keep`, `zero`) made once per weight version by `RWKV7._serving_weights`."""
 
     ln0: Optional[tuple[torch.Tensor, torch.Tensor]]  # block 0 only: LayerNorm of the embeddings
     ln1_w: torch.Tensor
@@ -318,6 +318,7 @@ class ServingWeights(NamedTuple):
     k_k: torch.Tensor           # [C]
     k_a: torch.Tensor           # [C]
     k_keep: torch.Tensor        # [C] 1 - k_a
+    zero: torch.Tensor          # [1] 0, the base of one addcmul
     r_k: torch.Tensor           # [H, N]
     ln_x_w: torch.Tensor        # [C]
     ln_x_b: torch.Tensor
@@ -345,7 +346,7 @@ class ServingWeights(NamedTuple):
             ln1_w=block.ln1.weight, ln1_b=block.ln1.bias, mix=mix, lora_down=lora_down, lora_up=lora_up,
             lora_bias=torch.cat([att.w0, att.a0, att.v0]).view(3, 1, C), g1=att.g1, g2=att.g2,
             receptance=att.receptance.weight, key=att.key.weight, value=att.value.weight, output=att.output.weight,
-            k_k=flat(att.k_k), k_a=flat(att.k_a), k_keep=1 - flat(att.k_a), r_k=att.r_k,
+            k_k=flat(att.k_k), k_a=flat(att.k_a), k_keep=1 - flat(att.k_a), zero=att.k_a.new_zeros(1), r_k=att.r_k,
             ln_x_w=att.ln_x.weight, ln_x_b=att.ln_x.bias, ln2_w=block.ln2.weight, ln2_b=block.ln2.bias,
             ffn_mix=flat(ffn.x_k), ffn_key=ffn.key.weight, ffn_value=ffn.value.weight)
 
@@ -357,7 +358,7 @@ def _shifted(h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
 
 def _mix_in(lw: ServingWeights, x: torch.Tensor, att_prev: torch.Tensor, v_first: Optional[torch.Tensor]):
     """A block's input x [B, T, C] -> (x after ln0, h = ln1(x), r, w, k, v, a, b, g, v_first), all [B, T, C]:
-    the six WKV inputs (w the raw decay, a = -kk, b = kk * a_gate) and what `_block_out` needs."""
+    the six WKV inputs (w the raw decay, a = kk, b = -kk * a_gate: see below) and what `_block_out` needs."""
     B, T, C = x.shape
     H, N = lw.r_k.shape
     if lw.ln0 is not None:
@@ -379,10 +380,11 @@ def _mix_in(lw: ServingWeights, x: torch.Tensor, att_prev: torch.Tensor, v_first
         v = torch.lerp(v, v_first.view(B * T, C), v_gate)                  # v + (v_first - v) * v_gate
     kk = F.normalize((k * lw.k_k).view(B * T, H, N), dim=-1, p=2.0, eps=1e-12)
     k = torch.addcmul(lw.k_keep, a, lw.k_a).mul_(k)                        # k * (1 + (a - 1) * k_a)
-    b = (kk * a.view(B * T, H, N)).view(B, T, C)
-    kk = kk.view(B, T, C)
+    # The WKV op's a = -kk, b = kk * a_gate enter only as the product (S a) b^T, so the sign may sit on b instead:
+    # (S (-kk)) (kk a)^T = (S kk) (-(kk a))^T, bit for bit (negation is exact). That saves the negation kernel.
+    b = torch.addcmul(lw.zero, kk, a.view(B * T, H, N), value=-1)
     seq = lambda t: t.view(B, T, C)  # noqa: E731
-    return x, h, seq(r), seq(w), seq(k), seq(v), -kk, b, seq(g), v_first
+    return x, h, seq(r), seq(w), seq(k), seq(v), seq(kk), seq(b), seq(g), v_first
 
 
 def _block_out(lw: ServingWeights, x: torch.Tensor, y: torch.Tensor, r: torch.Tensor, k: torch.Tensor,
@@ -393,8 +395,9 @@ def _block_out(lw: ServingWeights, x: torch.Tensor, y: torch.Tensor, r: torch.Te
     H, N = lw.r_k.shape
     y = F.group_norm(y.reshape(B * T, C), H, lw.ln_x_w, lw.ln_x_b, eps=LN_X_EPS)
     heads = lambda t: t.reshape(B * T, H, N)  # noqa: E731
-    bonus = (heads(r * k) * lw.r_k).sum(-1, keepdim=True) * heads(v)       # [BT, H, N]
-    x = torch.addmm(x.reshape(B * T, C), (y + bonus.view(B * T, C)) * g.reshape(B * T, C), lw.output.t())
+    bonus = (heads(r * k) * lw.r_k).sum(-1, keepdim=True)                 # [BT, H, 1]: r.k per head
+    y = torch.addcmul(heads(y), bonus, heads(v)).view(B * T, C)           # GroupNorm(y) + (r.k) v
+    x = torch.addmm(x.reshape(B * T, C), y * g.reshape(B * T, C), lw.output.t())
     h2 = F.layer_norm(x, (C,), lw.ln2_w, lw.ln2_b, eps=LN_EPS).view(B, T, C)
     kx = torch.lerp(h2, _shifted(h2, ffn_prev), lw.ffn_mix).view(B * T, C)
     x = torch.addmm(x, torch.relu(F.linear(kx, lw.ffn_key)).square_(), lw.ffn_value.t())
