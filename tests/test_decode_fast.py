@@ -202,13 +202,17 @@ def test_cuda_serving_matches_forward_with_graphs(compiled):
     from rwkv_app.infer.cudagraph import GraphedDecode
 
     dev = torch.device("cuda")
+    exact = tiny_model(64, seed=12).to(dev)  # fp32: the truth both bf16 paths are measured against
     model = tiny_model(64, seed=12).to(dev, torch.bfloat16)
     model.compile_decode = compiled
     B, S = 3, 6
     slots = torch.tensor([4, 0, 2], device=dev)
     seqs = torch.randint(1, VOCAB, (B, 12), generator=torch.Generator().manual_seed(13)).to(dev)
     with torch.no_grad():
-        want, _ = model(seqs)
+        want, _ = exact(seqs)
+        bf16_forward, _ = model(seqs)
+    # bf16 rounds differently along each path; serving may be no further from fp32 than the bf16 forward is
+    allowed = 2 * rel_err(bf16_forward[:, 5:].float(), want[:, 5:]) + 1e-2
     table = model.new_state(S + 1)  # + the scratch slot of the padded graph batches
     graphed = GraphedDecode(model, table, S, scratch_slot=S)
     with torch.inference_mode():
@@ -216,7 +220,7 @@ def test_cuda_serving_matches_forward_with_graphs(compiled):
         got += [graphed(seqs[:, t], slots).clone() for t in range(6, 9)]
         got += [graphed.run(seqs[:, t].tolist(), slots.tolist()).clone() for t in range(9, 12)]
     assert graphed.disabled is None and rwkv7_module._compiled.error is None
-    assert rel_err(torch.stack(got, 1), want[:, 5:]) <= 3e-2
+    assert rel_err(torch.stack(got, 1).float(), want[:, 5:]) <= allowed
 
 
 @cuda
