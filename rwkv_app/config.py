@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from rwkv_app.errors import UserError
 
@@ -51,6 +52,17 @@ class _Section(BaseModel):
     """Strict base: unknown keys are errors that suggest the closest valid key."""
 
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, populate_by_name=True)
+    _source: str = PrivateAttr("the config")  # where it was read from, for error messages ("train/demo.toml")
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    def __eq__(self, other: object) -> bool:
+        """Same settings, wherever they were read from."""
+        return type(self) is type(other) and self.model_dump() == other.model_dump()  # type: ignore[union-attr]
+
+    __hash__ = None  # type: ignore[assignment]
 
     @model_validator(mode="before")
     @classmethod
@@ -402,9 +414,12 @@ def _format_validation_error(err: ValidationError, shown: str) -> str:
 def validate(cls: type[BaseModel], data: dict, shown: str, base_dir: Optional[Path] = None):
     """Build `cls` from a TOML dict; errors become one-line `UserError`s naming the file and key."""
     try:
-        return cls.model_validate(data, context={"base_dir": base_dir})
+        cfg = cls.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as e:
         raise UserError(_format_validation_error(e, shown)) from None
+    if isinstance(cfg, _Section):
+        cfg._source = shown
+    return cfg
 
 
 def config_names(config_dir: Union[str, Path], kind: str) -> list[str]:

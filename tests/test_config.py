@@ -395,3 +395,9 @@ def test_print_config_of_the_shipped_recipes(tmp_path, cli, flag, name):
     again = loader(out)
     assert again == (load_train_config if cli == "train" else load_infer_config)(SHIPPED, name).model_copy(
         update={k: None for k in ("api_key", "admin_api_key", "wandb_api_key") if k in type(again).model_fields})
+
+
+def test_loaded_configs_know_their_file_for_error_messages(tmp_path):
+    cfg = make_config_dir(tmp_path)
+    assert load_train_config(cfg, "exp").source == "train/exp.toml"
+    assert load_infer_config(cfg, "srv").source == "infer/srv.toml"

@@ -327,7 +327,7 @@ def test_bad_input_is_one_line_and_writes_nothing(counting, monkeypatch):
     assert "too few for context_length" in error_of(train, tiny_config(counting, context_length=2000))
     assert "vocab_size is 40" in error_of(train, tiny_config(counting, model={"vocab_size": 40}))
     assert "tf32" in error_of(train, tiny_config(counting, precision="tf32"))
-    assert "no dataset_sources" in error_of(train, tiny_config(counting, filename_without_extensions="missing"))
+    assert "no `dataset_sources`" in error_of(train, tiny_config(counting, filename_without_extensions="missing"))
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert "torchrun" in error_of(train, tiny_config(counting))
     monkeypatch.delenv("WORLD_SIZE")

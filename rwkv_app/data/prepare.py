@@ -200,7 +200,7 @@ def tokenizer_from_config(cfg):
 def prepare_from_config(cfg, *, repeat: int = 1, progress: bool = True) -> PrepareSummary:
     """`rwkv-data prepare`: tokenize cfg.dataset_sources into cfg.dataset_prefix in cfg.dataset_format."""
     if not cfg.dataset_sources:
-        raise UserError("the train config has no `dataset_sources` to prepare from")
+        raise UserError(f"{cfg.source}: no `dataset_sources` to prepare from (list .jsonl, .txt or .npy files)")
     tokenizer = tokenizer_from_config(cfg)
     if tokenizer.vocab_size > cfg.arch.vocab_size:
         raise UserError(f"the {cfg.tokenizer} tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size "

@@ -229,7 +229,7 @@ def _open_dataset(cfg: TrainConfig, placement: Placement, progress: bool) -> Tok
     if not dataset_ready(cfg):
         if not cfg.dataset_sources:
             files = cfg.dataset_prefix.with_suffix(".bin")
-            raise UserError(f"dataset {files} not found and the train config has no dataset_sources to build it from")
+            raise UserError(f"{cfg.source}: dataset {files} not found and there are no `dataset_sources` to build it from")
         if placement.is_main:
             log.info("dataset %s missing: preparing it from %d source(s)", cfg.dataset_prefix, len(cfg.dataset_sources))
             summary = prepare_from_config(cfg, progress=progress)
