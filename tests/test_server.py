@@ -20,7 +20,7 @@ import torch
 
 from rwkv_app.config import ModelConfig, config_path, load_infer_config
 from rwkv_app.infer.server import InferServer
-from rwkv_app.model.checkpoint import save_checkpoint
+from rwkv_app.model.checkpoint import load_model, save_checkpoint
 from rwkv_app.model.rwkv7 import RWKV7
 from rwkv_app.tokenizer import create_vocab_file_from_tokens
 
@@ -216,6 +216,96 @@ def test_stop_strings_hold_back_and_cut(srv):
         model="tiny", prompt="hello", temperature=0, max_tokens=30, stop=[stop], logit_bias=NO_EOD, stream=True)
         if ch.choices)
     assert streamed == cut.text
+
+
+# ------------------------------------------------------------------------------------- prompt scoring (echo+logprobs)
+
+SCORED = "hello world, é is a letter; hello world again, and once more with feeling é"  # > paragraph_len tokens
+
+
+def _reference_scores(srv, ids: list[int], k: int) -> tuple[list[float], list[dict[str, float]]]:
+    """log p(token | tokens before it) for ids[1:] and the top-k texts at each of those positions, straight from
+    the served weights' forward (fp32, CPU, one unchunked call), over the decodable ids as the server uses."""
+    tokenizer = srv.server.registry.get("tiny").tokenizer
+    model = load_model(srv.toml.parent.parent / "assets" / "w0.safetensors")
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids]))                               # [1, T, V]
+    lp = torch.log_softmax(logits[0, :-1, :tokenizer.vocab_size].double(), dim=-1)  # [T-1, V']
+    chosen = lp.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1).tolist()
+    tops = []
+    for values, idx in zip(*lp.topk(k, dim=-1)):
+        top: dict[str, float] = {}
+        for t, v in zip(idx.tolist(), values.tolist()):
+            top.setdefault(tokenizer.token_bytes(t).decode("utf-8", errors="replace"), v)
+        tops.append(top)
+    return chosen, tops
+
+
+def _check_prompt_scores(lp, n_prompt: int, text: str, want: list[float], want_top: list[dict[str, float]]):
+    assert "".join(lp.tokens[:n_prompt]) == text
+    assert lp.text_offset[:n_prompt] == [len("".join(lp.tokens[:i])) for i in range(n_prompt)]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:n_prompt] == pytest.approx(want, abs=1e-4)
+    for got, expected in zip(lp.top_logprobs[1:n_prompt], want_top):
+        assert list(got) == list(expected) and list(got.values()) == pytest.approx(list(expected.values()), abs=1e-4)
+        assert list(got.values()) == sorted(got.values(), reverse=True)
+
+
+def test_echo_logprobs_score_the_prompt(srv):
+    ids = srv.http.post("/tokenize", json={"model": "tiny", "prompt": SCORED}).json()["tokens"]
+    assert len(ids) > 16  # longer than paragraph_len: scored across prefill chunks
+    want, want_top = _reference_scores(srv, ids, 3)
+    assert sum(len(t) == 3 for t in want_top) >= 10  # many positions with 3 distinct texts: real top-3 dicts
+    for prompt in (SCORED, ids):
+        c = srv.client.completions.create(model="tiny", prompt=prompt, echo=True, logprobs=3, max_tokens=0)
+        choice = c.choices[0]
+        assert choice.text == SCORED and choice.finish_reason == "length"
+        assert c.usage.prompt_tokens == len(ids) and c.usage.completion_tokens == 0
+        assert len(choice.logprobs.tokens) == len(ids)
+        _check_prompt_scores(choice.logprobs, len(ids), SCORED, want, want_top)
+    # generating after scoring: the continuation is the one a plain request gets, its entries follow the prompt's
+    plain = srv.client.completions.create(model="tiny", prompt=SCORED, temperature=0, max_tokens=6, logprobs=3,
+                                          logit_bias=NO_EOD).choices[0]
+    both = srv.client.completions.create(model="tiny", prompt=SCORED, temperature=0, max_tokens=6, logprobs=3,
+                                         logit_bias=NO_EOD, echo=True)
+    choice = both.choices[0]
+    assert choice.text == SCORED + plain.text and both.usage.completion_tokens == 6
+    _check_prompt_scores(choice.logprobs, len(ids), SCORED, want, want_top)
+    assert choice.logprobs.tokens[len(ids):] == plain.logprobs.tokens
+    assert choice.logprobs.token_logprobs[len(ids):] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-5)
+    assert choice.logprobs.text_offset[len(ids):] == [len(SCORED) + o for o in plain.logprobs.text_offset]
+
+
+def test_echo_logprobs_streamed_and_chunked_alike(srv):
+    ids = srv.http.post("/tokenize", json={"model": "tiny", "prompt": SCORED}).json()["tokens"]
+    want, want_top = _reference_scores(srv, ids, 2)
+    full = srv.client.completions.create(model="tiny", prompt=SCORED, echo=True, logprobs=2, max_tokens=4,
+                                         temperature=0, logit_bias=NO_EOD).choices[0]
+    text, entries = "", {"tokens": [], "token_logprobs": [], "top_logprobs": []}
+    for chunk in srv.client.completions.create(model="tiny", prompt=SCORED, echo=True, logprobs=2, max_tokens=4,
+                                               temperature=0, logit_bias=NO_EOD, stream=True):
+        for c in chunk.choices:
+            text += c.text
+            for key in entries:
+                entries[key] += getattr(c.logprobs, key) if c.logprobs else []
+    assert text == full.text
+    assert entries["tokens"] == full.logprobs.tokens and entries["top_logprobs"][0] is None
+    assert entries["token_logprobs"][0] is None
+    assert entries["token_logprobs"][1:] == pytest.approx(full.logprobs.token_logprobs[1:], abs=1e-6)
+    _check_prompt_scores(full.logprobs, len(ids), SCORED, want, want_top)
+    engine = srv.engine()
+    engine.scheduler.paragraph_len = 3  # many short chunks: the same numbers
+    try:
+        short = srv.client.completions.create(model="tiny", prompt=ids, echo=True, logprobs=2, max_tokens=0)
+    finally:
+        engine.scheduler.paragraph_len = 16
+    assert short.choices[0].logprobs.token_logprobs[1:] == pytest.approx(full.logprobs.token_logprobs[1:len(ids)],
+                                                                        abs=1e-5)
+    streamed_zero = [c.choices[0] for c in srv.client.completions.create(
+        model="tiny", prompt=SCORED, echo=True, logprobs=2, max_tokens=0, stream=True) if c.choices]
+    assert "".join(c.text for c in streamed_zero) == SCORED and streamed_zero[-1].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError):  # RWKV cannot insert
+        srv.client.completions.create(model="tiny", prompt="hello", suffix="world", max_tokens=2)
 
 
 # ------------------------------------------------------------------------------------------------------- errors

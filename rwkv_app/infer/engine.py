@@ -54,9 +54,10 @@ class EngineClosed(Exception):
 class GenerationRequest:
     prompt: list[int]  # token ids (at least one)
     params: SamplingParams
-    max_new_tokens: int  # >= 1
+    max_new_tokens: int  # >= 1; 0 is allowed when only the prompt is scored
     stops: list[str] = field(default_factory=list)
     n: int = 1
+    prompt_logprobs: Optional[int] = None  # k: score the prompt (each token's log-probability and the top k)
 
     @property
     def slots_needed(self) -> int:
@@ -65,13 +66,17 @@ class GenerationRequest:
 
 @dataclass
 class Output:
-    """Text for choice `choice`; `finish_reason` set on its last event ("stop", "length" or "error")."""
+    """Text for choice `choice`; `finish_reason` set on its last event ("stop", "length" or "error").
+
+    With `prompt_logprobs` asked, each choice's first event carries `prompt`: one piece per prompt token (texts
+    concatenate to the decoded prompt), the first with logprob None (nothing precedes it)."""
 
     choice: int
     pieces: list[Piece]
     finish_reason: Optional[str] = None
     completion_tokens: int = 0  # tokens sampled for this choice so far (exact; counts the ending token)
     error: Optional[str] = None
+    prompt: Optional[list[Piece]] = None
 
     @property
     def text(self) -> str:
@@ -184,6 +189,9 @@ class _Seq:
         self.generated = 0
         self.siblings: list[_Seq] = []  # other choices waiting for this one's prefilled state
         self.done = False  # slot given back
+        # prompt scoring: (logprob, top k) of prompt tokens 1.. as their chunks are prefilled
+        self.scores: Optional[list[tuple[float, list[tuple[int, float]]]]] = \
+            [] if req.prompt_logprobs is not None else None
 
     @property
     def prefill_remaining(self) -> int:
@@ -237,8 +245,10 @@ class Engine:
 
     def submit(self, request: GenerationRequest, loop: Optional[asyncio.AbstractEventLoop] = None,
                event: Optional[asyncio.Event] = None) -> RequestHandle:
-        if not request.prompt or request.max_new_tokens < 1 or not 1 <= request.n <= self.max_batch_size:
-            raise ValueError("a request needs a prompt, max_new_tokens >= 1 and 1 <= n <= max_batch_size")
+        least = 0 if request.prompt_logprobs is not None else 1  # scoring alone generates nothing
+        if not request.prompt or request.max_new_tokens < least or not 1 <= request.n <= self.max_batch_size:
+            raise ValueError("a request needs a prompt, max_new_tokens >= 1 (>= 0 when scoring the prompt) "
+                             "and 1 <= n <= max_batch_size")
         if len(request.prompt) + request.max_new_tokens > self.max_context_len:
             raise ValueError("prompt + max_new_tokens exceeds max_context_len")
         handle = RequestHandle(request, self._wake, loop, event)
@@ -387,9 +397,17 @@ class Engine:
         # siblings join the batch once the lead's prefill is copied into their slots (see _prefill)
 
     def _prefill(self, seqs: list[_Seq], chunk: int, touched: set) -> None:
-        tokens = torch.tensor([s.prompt[s.pos:s.pos + chunk] for s in seqs], device=self.device)  # [B, T]
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        logits = self.model.prefill(tokens, self.state, slots)  # [B, V]
+        plain = [s for s in seqs if s.scores is None]
+        scoring = [s for s in seqs if s.scores is not None]
+        seqs = plain + scoring  # the order of the logits' rows
+        logits = []  # [B, V] pieces: the logits after each sequence's chunk
+        if plain:
+            tokens = torch.tensor([s.prompt[s.pos:s.pos + chunk] for s in plain], device=self.device)  # [B, T]
+            logits.append(self.model.prefill(tokens, self.state, torch.tensor([s.slot for s in plain],
+                                                                              device=self.device)))
+        if scoring:
+            logits.append(self._prefill_scoring(scoring, chunk))
+        logits = torch.cat(logits) if len(logits) > 1 else logits[0]
         for s in seqs:
             s.pos += chunk
         done = [i for i, s in enumerate(seqs) if s.prefill_remaining == 0]
@@ -403,11 +421,55 @@ class Engine:
                 self.state.assign(dst, self.state.index(torch.tensor([lead.slot] * len(dst), device=self.device)))
                 with self._cv:
                     self._seqs.extend(lead.siblings)
-            for s in [lead] + lead.siblings:
+            group = [lead] + lead.siblings
+            lead.siblings = []
+            if lead.scores is not None:
+                self._emit_prompt(lead, group, touched)
+            if lead.handle.request.max_new_tokens == 0:
+                continue  # scored, nothing to generate: finished above
+            for s in group:
                 rows.append(i)
                 members.append(s)
-            lead.siblings = []
-        self._sample_and_emit(logits[torch.tensor(rows, device=self.device)], members, touched)
+        if members:
+            self._sample_and_emit(logits[torch.tensor(rows, device=self.device)], members, touched)
+
+    def _prefill_scoring(self, seqs: list[_Seq], chunk: int) -> torch.Tensor:
+        """Prefill one chunk through the full-sequence forward, recording the log-probability of every prompt token
+        the chunk predicts (and the top k) -> logits after the chunk [B, V]. The state rows move on as in `prefill`."""
+        tokens = torch.tensor([s.prompt[s.pos:s.pos + chunk] for s in seqs], device=self.device)  # [B, T]
+        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        logits, state = self.model(tokens, self.state.index(slots))  # [B, T, V]
+        self.state.assign(slots, state)
+        # Position t predicts prompt token pos + t + 1 (the chunk's last one: the next chunk's first); the logprobs
+        # are over the decodable ids, like those of sampled tokens.
+        lp = torch.log_softmax(logits[..., :self.sampler.valid_vocab].float(), dim=-1)  # [B, T, V']
+        targets = [s.prompt[s.pos + 1:s.pos + chunk + 1] for s in seqs]
+        padded = torch.tensor([t + [0] * (chunk - len(t)) for t in targets], device=self.device)  # [B, T]
+        chosen = lp.gather(2, padded[..., None]).squeeze(2).tolist()  # [B][T]
+        k = max(s.handle.request.prompt_logprobs or 0 for s in seqs)
+        top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)  # [B, T, k]
+        top_v, top_i = (top_v.tolist(), top_i.tolist()) if k else (None, None)
+        for b, s in enumerate(seqs):
+            k_s = s.handle.request.prompt_logprobs or 0
+            for t in range(len(targets[b])):
+                top = list(zip(top_i[b][t][:k_s], top_v[b][t][:k_s])) if k_s else []
+                s.scores.append((chosen[b][t], top))
+        return logits[:, -1]
+
+    def _emit_prompt(self, lead: _Seq, group: list[_Seq], touched: set) -> None:
+        """Hand the prompt's scores to every choice; a request with nothing to generate ends here."""
+        decoder = self.tokenizer.incremental_decoder()
+        scores = [(None, [])] + lead.scores
+        pieces = [Piece(t, decoder.push(t), lp, top) for t, (lp, top) in zip(lead.prompt, scores)]
+        pieces[-1].text += decoder.flush()
+        with self._cv:
+            for s in group:
+                if s.done or s.handle.cancelled:
+                    continue
+                s.handle._put(Output(s.choice, [], prompt=pieces))
+                touched.add(s.handle)
+                if s.handle.request.max_new_tokens == 0:
+                    self._finish(s, "length", [], touched)
 
     def _decode(self, seqs: list[_Seq], touched: set) -> None:
         if self._ahead is not None:

@@ -211,8 +211,6 @@ class CompletionRequest(SamplingFields):
                 raise ValueError(f"`best_of` ({self.best_of}) must be at least `n` ({self.n})")
             if self.stream and self.best_of > self.n:
                 raise ValueError("`best_of` greater than `n` cannot be streamed")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("`echo` together with `logprobs` (prompt log-probabilities) is not supported")
         if isinstance(self.prompt, list) and len(self.prompt) == 0:
             raise ValueError("`prompt` must not be empty")
         return self
@@ -230,6 +228,11 @@ class CompletionRequest(SamplingFields):
     @property
     def token_limit(self) -> Optional[int]:
         return self.max_tokens
+
+    @property
+    def scores_prompt(self) -> bool:
+        """`echo` with `logprobs`: the prompt's tokens get log-probabilities too (how evaluation harnesses score)."""
+        return self.echo and self.logprobs is not None
 
     @property
     def top_logprobs_k(self) -> Optional[int]:
@@ -348,6 +351,13 @@ class CompletionLogprobs(BaseModel):
     token_logprobs: list[Optional[float]]
     top_logprobs: Optional[list[Optional[dict[str, float]]]]
     text_offset: list[int]
+
+    def __add__(self, other: "CompletionLogprobs") -> "CompletionLogprobs":
+        """The entries of `self` followed by those of `other` (prompt, then completion)."""
+        return CompletionLogprobs(tokens=self.tokens + other.tokens,
+                                  token_logprobs=self.token_logprobs + other.token_logprobs,
+                                  top_logprobs=(self.top_logprobs or []) + (other.top_logprobs or []),
+                                  text_offset=self.text_offset + other.text_offset)
 
 
 class CompletionChoice(BaseModel):

@@ -53,8 +53,10 @@ class _Choice:
     finish_reason: Optional[str] = None
     tokens: int = 0
     error: Optional[str] = None
+    prompt: Optional[list[Piece]] = None  # the prompt's scores (echo with logprobs)
 
     def add(self, out: Output) -> None:
+        self.prompt = out.prompt or self.prompt
         self.text.append(out.text)
         self.pieces += out.pieces
         self.tokens = max(self.tokens, out.completion_tokens)
@@ -67,6 +69,7 @@ class _Job:
 
     def __init__(self, prompt: list[int], echo: str = ""):
         self.prompt, self.echo = prompt, echo
+        self.scored = False  # the engine scores the prompt; the echo is sent with those scores
         self.handle: Optional[RequestHandle] = None
 
 
@@ -354,17 +357,35 @@ class InferServer:
                                       bytes=list(served.tokenizer.token_bytes(p.token)), top_logprobs=tops))
         return out
 
-    def _completion_logprobs(self, served: ServedModel, pieces: list[Piece], offset: int) -> P.CompletionLogprobs:
+    def _completion_logprobs(self, served: ServedModel, pieces: list[Piece], offset: int,
+                             prompt: Optional[list[Piece]] = None) -> P.CompletionLogprobs:
+        """Generated `pieces` from text offset `offset`; with `prompt` (scored prompt pieces), those come first,
+        from offset 0, the first one with null logprob and null top_logprobs."""
         tokens, lps, tops, offsets = [], [], [], []
+        at = 0
+        for p in prompt or []:
+            tokens.append(p.text)
+            lps.append(p.logprob)
+            tops.append(None if p.logprob is None else self._top_dict(served, p.top))
+            offsets.append(at)
+            at += len(p.text)
         for p in pieces:
             if p.token < 0 or p.logprob is None:
                 continue
             tokens.append(p.text)
             lps.append(p.logprob)
-            tops.append({self._token_text(served, t)[0]: lp for t, lp in p.top})
+            tops.append(self._top_dict(served, p.top))
             offsets.append(offset)
             offset += len(p.text)
         return P.CompletionLogprobs(tokens=tokens, token_logprobs=lps, top_logprobs=tops, text_offset=offsets)
+
+    def _top_dict(self, served: ServedModel, top: list[tuple[int, float]]) -> dict[str, float]:
+        """Token text -> logprob, most likely first; ids whose texts coincide (lone bytes of a multi-byte
+        character all read U+FFFD) keep the likelier one."""
+        out: dict[str, float] = {}
+        for t, lp in top:
+            out.setdefault(self._token_text(served, t)[0], lp)
+        return out
 
     def _count(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
         self.m_prompt.inc(prompt_tokens, model=model)
@@ -551,9 +572,18 @@ class InferServer:
         logprobs_k = req.logprobs if req.logprobs is not None else (0 if ranking else None)
         params = self._params(req, logprobs_k)
         budget_of = {id(j): b for j, b in zip(jobs, budgets)}
-        # An empty prompt starts from the end-of-document token, the context every training document starts after.
-        event = self._start(req.model, jobs, lambda j: GenerationRequest(
-            j.prompt or [0], params, budget_of[id(j)], req.stop_list, width) if budget_of[id(j)] > 0 else None)
+        for j in jobs:
+            j.scored = req.scores_prompt and bool(j.prompt)  # an empty prompt has nothing to score
+
+        def make(j: _Job) -> Optional[GenerationRequest]:
+            if budget_of[id(j)] == 0 and not j.scored:
+                return None  # nothing to generate, nothing to score
+            # An empty prompt starts from the end-of-document token, the context every training document starts
+            # after.
+            return GenerationRequest(j.prompt or [0], params, budget_of[id(j)], req.stop_list, width,
+                                     prompt_logprobs=req.logprobs if j.scored else None)
+
+        event = self._start(req.model, jobs, make)
         rid, created = P.new_id("cmpl"), P.now()
         prompt_tokens = sum(len(j.prompt) for j in jobs)
         if req.stream:
@@ -570,7 +600,8 @@ class InferServer:
             if ranking:  # best_of: keep the n choices with the highest total log-probability
                 per_job = sorted(per_job, key=lambda c: -sum(p.logprob or 0.0 for p in c.pieces))[:req.n]
             for c in per_job:
-                lp = self._completion_logprobs(served, c.pieces, len(job.echo)) if req.logprobs is not None else None
+                lp = self._completion_logprobs(served, c.pieces, len(job.echo), c.prompt) \
+                    if req.logprobs is not None else None
                 choices.append(P.CompletionChoice(index=len(choices), text=job.echo + "".join(c.text),
                                                   finish_reason=c.finish_reason or "length", logprobs=lp))
         body = P.Completion(id=rid, created=created, model=req.model, choices=choices,
@@ -596,7 +627,7 @@ class InferServer:
         try:
             for j, job in enumerate(jobs):
                 for i in range(n):
-                    if job.echo:
+                    if job.echo and not (job.scored and job.handle is not None):
                         yield chunk([choice(j * n + i, job.echo, None)])
                     if job.handle is None:
                         yield chunk([choice(j * n + i, "", "length")])
@@ -611,10 +642,11 @@ class InferServer:
                     used[index] = max(used.get(index, 0), out.completion_tokens)
                     lp = None
                     if req.logprobs is not None:
-                        lp = self._completion_logprobs(served, out.pieces, offsets[index]).model_dump()
+                        lp = self._completion_logprobs(served, out.pieces, offsets[index], out.prompt).model_dump()
                         offsets[index] += len(out.text)
-                    if out.pieces or out.finish_reason:
-                        yield chunk([choice(index, out.text, out.finish_reason, lp)])
+                    echo = jobs[j].echo if out.prompt else ""  # the echo goes out with its scores
+                    if out.pieces or out.finish_reason or out.prompt:
+                        yield chunk([choice(index, echo + out.text, out.finish_reason, lp)])
             self._count(req.model, prompt_tokens, sum(used.values()))
             if req.include_usage:
                 yield chunk([], P.Usage.of(prompt_tokens, sum(used.values())))
@@ -632,7 +664,7 @@ def _merge_by_choice(batch: list) -> list[tuple[Any, Output]]:
         if merged and merged[-1][0] == key and merged[-1][1].choice == out.choice and merged[-1][1].finish_reason is None:
             prev = merged[-1][1]
             merged[-1] = (key, Output(out.choice, prev.pieces + out.pieces, out.finish_reason,
-                                      out.completion_tokens, out.error))
+                                      out.completion_tokens, out.error, prev.prompt or out.prompt))
         else:
             merged.append((key, out))
     return merged
