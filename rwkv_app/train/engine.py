@@ -10,6 +10,7 @@ the same AdamW groups and the same loss, so switching engines changes memory and
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 import socket
@@ -125,30 +126,31 @@ def place(cfg) -> Placement:
 # -------------------------------------------------------------------------------------------------------- engines
 
 
-class Engine:
+class Engine(abc.ABC):
     """One micro-batch at a time: `micro_step` (forward + backward), then `optimizer_step` at the batch's end."""
 
     module: nn.Module  # the bare model (not a wrapper)
     placement: Placement
 
+    @abc.abstractmethod
     def micro_step(self, x: torch.Tensor, y: torch.Tensor, last: bool) -> torch.Tensor:
-        raise NotImplementedError
+        """Forward and backward of one micro-batch; returns its loss (a 0-d tensor)."""
 
+    @abc.abstractmethod
     def optimizer_step(self, lr: float) -> torch.Tensor:
         """Clip, step, zero the grads; returns the global grad norm before clipping (a 0-d tensor)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def full_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
         """Every weight, on the main rank (None elsewhere); collective for ZeRO-3."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def save(self, folder: Path, meta: dict) -> None:
         """Write the training state into `folder` (the same folder on every rank); collective."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def load(self, folder: Path) -> dict:
         """Restore weights and optimizer from a state folder; returns the trainer's `meta`."""
-        raise NotImplementedError
 
 
 class PlainEngine(Engine):
