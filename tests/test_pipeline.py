@@ -19,13 +19,6 @@ from rwkv_app.tokenizer import AngleTokenizer, GenericTokenizer, IntegerTokenize
 from rwkv_app.train.run import RunDir
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def counting_rows(n: int = 24, length: int = 20, seed: int = 0) -> np.ndarray:
     starts = np.random.default_rng(seed).integers(0, 40, size=n)

@@ -48,14 +48,6 @@ def tiny_config(tmp_path: Path, **over) -> TrainConfig:
     return validate(TrainConfig, data, "test.toml", tmp_path)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture
 def counting(tmp_path) -> Path:

@@ -87,16 +87,20 @@ class TokenFile:
         return self.tokens[offset:offset + length]
 
 
+def _require_files(*paths: Path) -> None:
+    for p in paths:
+        if not p.is_file():
+            raise UserError(f"dataset file {p} not found (run `rwkv-data prepare` or fix dataset_base_path / "
+                            f"filename_without_extensions)")
+
+
 class BinIdx(TokenFile):
     """RWKV-LM binidx: PREFIX.bin + PREFIX.idx."""
 
     def __init__(self, prefix: Union[str, Path]):
         bin_path, idx_path = dataset_files(prefix, "rwkv_legacy")
         self.path = bin_path
-        for p in (bin_path, idx_path):
-            if not p.is_file():
-                raise UserError(f"dataset file {p} not found (run `rwkv-data prepare` or fix dataset_base_path / "
-                                f"filename_without_extensions)")
+        _require_files(bin_path, idx_path)
         size = idx_path.stat().st_size
         if size < IDX_HEADER.size:
             raise UserError(f"{idx_path}: corrupt index ({size} bytes is shorter than the header)")
@@ -130,9 +134,7 @@ class RwkvBin(TokenFile):
     def __init__(self, prefix: Union[str, Path]):
         (bin_path,) = dataset_files(prefix, "rwkv")
         self.path = bin_path
-        if not bin_path.is_file():
-            raise UserError(f"dataset file {bin_path} not found (run `rwkv-data prepare` or fix dataset_base_path / "
-                            f"filename_without_extensions)")
+        _require_files(bin_path)
         size = bin_path.stat().st_size
         if size < RWKV_HEADER.size:
             raise UserError(f"{bin_path}: corrupt (shorter than the {RWKV_HEADER.size}-byte rwkv header)")
