@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from rwkv_app.config import load_train_file
 from rwkv_app.data.binidx import open_tokens
