@@ -161,7 +161,7 @@ def test_the_engine_launches_each_decode_step_once_and_ahead_of_the_text_work(to
     engine = engine_for(model, tok)
     launches = []
     launch = engine._launch
-    engine._launch = lambda seqs, tokens: launches.append(len(seqs)) or launch(seqs, tokens)
+    engine._launch = lambda seqs, *fed: launches.append(len(seqs)) or launch(seqs, *fed)
     ahead = engine._launch_ahead
     ahead_calls = []
     engine._launch_ahead = lambda *a: ahead_calls.append(engine._ahead) or ahead(*a)

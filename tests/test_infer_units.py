@@ -32,7 +32,7 @@ def test_greedy_is_argmax_and_masks_undecodable_ids():
     logits[1, 45] = 100.0  # beyond the tokenizer's 40 ids: never chosen
     sampler = Sampler(4, V, 40, torch.device("cpu"))
     params = [SamplingParams(temperature=0.0)] * 4
-    got = [s.token for s in sampler.sample(logits, [0, 1, 2, 3], params, [torch.Generator()] * 4)]
+    got = [s.token for s in sampler.sample(logits, [0, 1, 2, 3], params, [torch.Generator()] * 4).result()]
     assert got == logits[:, :40].argmax(-1).tolist()
 
 
@@ -43,13 +43,14 @@ def test_seeded_rows_do_not_depend_on_the_rest_of_the_batch():
     others = [SamplingParams(temperature=1.3, seed=7), SamplingParams(temperature=0.0), SamplingParams(top_p=0.3)]
     batch = torch.cat([_logits(2, 3), row])
     for _ in range(5):
-        alone = sampler.sample(row, [0], [mine], [mine.generator()])[0].token
-        mixed = sampler.sample(batch, [0, 1, 2, 3], others + [mine], [p.generator() for p in others + [mine]])
+        alone = sampler.sample(row, [0], [mine], [mine.generator()]).result()[0].token
+        mixed = sampler.sample(batch, [0, 1, 2, 3], others + [mine],
+                               [p.generator() for p in others + [mine]]).result()
         assert mixed[3].token == alone
         row, batch = row.roll(7, -1), batch.roll(7, -1)
     # the same seed gives the same sequence of draws; another seed gives other ones
     def seq(g):
-        return [sampler.sample(row, [0], [mine], [g])[0].token for _ in range(30)]
+        return [sampler.sample(row, [0], [mine], [g]).result()[0].token for _ in range(30)]
 
     assert seq(mine.generator()) == seq(mine.generator()) != seq(SamplingParams(seed=99).generator())
 
@@ -68,8 +69,8 @@ def test_top_k_and_top_p_keep_only_the_nucleus():
             break
     gk = SamplingParams(top_k=5, seed=0).generator()
     gp = SamplingParams(top_p=0.6, seed=0).generator()
-    seen_k = {sampler.sample(row, [0], [SamplingParams(top_k=5)], [gk])[0].token for _ in range(300)}
-    seen_p = {sampler.sample(row, [0], [SamplingParams(top_p=0.6)], [gp])[0].token for _ in range(300)}
+    seen_k = {sampler.sample(row, [0], [SamplingParams(top_k=5)], [gk]).result()[0].token for _ in range(300)}
+    seen_p = {sampler.sample(row, [0], [SamplingParams(top_p=0.6)], [gp]).result()[0].token for _ in range(300)}
     assert seen_k <= top5 and len(seen_k) >= 3
     assert seen_p <= nucleus and len(seen_p) >= min(2, len(nucleus))
 
@@ -84,7 +85,7 @@ def test_sampling_follows_the_softmax_at_temperature():
     for _ in range(draws // 500):  # 500 independent rows per call (one slot each)
         batch = row.repeat(500, 1)
         sampler_b = Sampler(500, 6, 6, torch.device("cpu"))
-        for s in sampler_b.sample(batch, list(range(500)), [params] * 500, [g] * 500):
+        for s in sampler_b.sample(batch, list(range(500)), [params] * 500, [g] * 500).result():
             counts[s.token] += 1
     expected = torch.softmax(row[0] / 0.7, -1) * draws
     chi2 = (((counts - expected) ** 2) / expected).sum().item()
@@ -98,13 +99,13 @@ def test_penalties_follow_rwkv_rs_with_decay():
     p = SamplingParams(temperature=0.0, presence_penalty=0.2, frequency_penalty=0.3, repetition_penalty=0.1,
                        penalty_decay=0.5)
     g = [p.generator()]
-    assert sampler.sample(row, [1], [p], g)[0].token == 0  # nothing seen yet
+    assert sampler.sample(row, [1], [p], g).result()[0].token == 0  # nothing seen yet
     # token 0 seen once: 3.0 - 0.2 - (0.3 + 0.1) * 1 = 2.4 < 2.5
-    assert sampler.sample(row, [1], [p], g)[0].token == 1
+    assert sampler.sample(row, [1], [p], g).result()[0].token == 1
     # counts decay by 0.5 before each new token is counted: token 0 -> 0.5, token 1 -> 1
     assert torch.allclose(sampler._counts[1], torch.tensor([0.5, 1.0, 0, 0, 0, 0, 0, 0]))
     # 3.0 - 0.2 - 0.4 * 0.5 = 2.6 > 2.5 - 0.2 - 0.4 * 1 = 1.9
-    assert sampler.sample(row, [1], [p], g)[0].token == 0
+    assert sampler.sample(row, [1], [p], g).result()[0].token == 0
     sampler.reset(1)
     assert sampler._counts[1].abs().sum() == 0 and sampler._counts[0].abs().sum() == 0
 
@@ -114,7 +115,7 @@ def test_logit_bias_and_logprobs():
     row = _logits(4)
     row[0, 45] = 50.0  # not decodable: neither sampled nor listed
     p = SamplingParams(temperature=0.0, logit_bias=((7, 100.0),), logprobs=3)
-    (s,) = sampler.sample(row, [0], [p], [p.generator()])
+    (s,) = sampler.sample(row, [0], [p], [p.generator()]).result()
     lp = torch.log_softmax(row[0, :40], -1)
     assert s.token == 7
     assert math.isclose(s.logprob, lp[7].item(), rel_tol=1e-5)  # the model's own log-probability, without the bias

@@ -4,8 +4,9 @@ Launched one by one from Python, the small kernels of a decode step cost more th
 Graphs are captured per bucket of batch sizes (1, 2, 4, ... up to the slot count; `capture_all` at load time); a
 batch is padded up to its bucket with rows that point at a scratch slot of the state table, so padding never
 touches a real sequence. Each bucket reads its tokens and slots from one device buffer [2 * bucket] (tokens, then
-slots), filled by a single host-to-device copy from pinned memory (`run`) or by device copies (`__call__`); the
-logits come back in a fixed buffer too, valid until the next replay of that bucket.
+slots), filled by device copies: the engine feeds a step straight from the previous step's sampled tokens, which
+never visit the host on the way. The logits come back in a fixed buffer too, valid until the next replay of that
+bucket (work queued before that replay still reads this step's values).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import logging
 from typing import Optional, Sequence
 
 import torch
+
+from rwkv_app.infer.transfer import upload
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +29,6 @@ class GraphedDecode:
         # per bucket b: [tokens (b) | slots (b)], what its graph reads; padding = token 0 at the scratch slot
         self._inputs = {b: torch.cat([torch.zeros(b, dtype=torch.long), torch.full((b,), scratch_slot)]).to(dev)
                         for b in self.buckets}
-        self._staging = torch.zeros(2 * max_batch, dtype=torch.long, pin_memory=True)  # host side of `run`
-        self._host = self._staging.numpy()
-        self._staged = torch.cuda.Event()  # the last copy out of `_staging` (it must not be overwritten earlier)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
         self.disabled: Optional[str] = None  # why graphs are off (capture failed): eager from then on
@@ -55,22 +55,10 @@ class GraphedDecode:
         return self._replay(entry, B)
 
     def run(self, tokens: Sequence[int], slots: Sequence[int]) -> torch.Tensor:
-        """The same from host lists: one pinned host-to-device copy, then the replay (nothing waits for the GPU)."""
+        """The same from host lists: one non-blocking upload, then the replay (nothing waits for the GPU)."""
         B = len(tokens)
-        bucket = self._bucket(B)
-        entry = self._entry(bucket)
-        dev = self.state.device
-        if entry is None:
-            return self.model.decode_step(torch.tensor(tokens, device=dev), self.state, torch.tensor(slots, device=dev))
-        self._staged.synchronize()  # normally long done: every step's logits were read back since
-        host = self._host
-        host[:B] = tokens
-        host[B:bucket] = 0
-        host[bucket:bucket + B] = slots
-        host[bucket + B:2 * bucket] = self.scratch
-        self._inputs[bucket].copy_(self._staging[:2 * bucket], non_blocking=True)
-        self._staged.record(torch.cuda.current_stream(dev))
-        return self._replay(entry, B)
+        staged = upload(list(tokens) + list(slots), torch.long, self.state.device)
+        return self(staged[:B], staged[B:])
 
     def _bucket(self, B: int) -> int:
         return next(b for b in self.buckets if b >= B)

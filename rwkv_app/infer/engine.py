@@ -9,12 +9,15 @@ state; `n > 1` prefills once and copies the state row to the other choices.
 Backpressure: each handle buffers at most `OUTPUT_BUFFER` events. A sequence whose reader is that far behind sits
 out the decode steps (keeping its slot) until the reader catches up, so a slow reader still gets every token.
 
-Overlap: right after a decode step is sampled, and before its tokens are detokenized and delivered, the worker
-launches the next decode step for the sequences that certainly continue (not ended by token 0, length or cancel;
-room in their buffers), provided no prompt is waiting. The GPU computes that step while the host does the
-per-sequence work; the next iteration consumes it first. A sequence that a stop string ends meanwhile only wasted
-its row; a sequence that was in the launched step always gets that step's token, so no state is ever advanced
-twice.
+Pipelining: the host never waits for the GPU between two decode steps. Sampling runs on the device; the worker
+queues step n's sampling, then a device-to-host copy of its tokens, then step n + 1 fed from those tokens still on
+the device, and only then waits for the copy of step n's tokens alone. While the GPU computes step n + 1 the host
+detokenizes, matches stop strings and delivers step n. Step n + 1 takes every sequence that the host cannot yet
+rule out (not at its length limit, not cancelled, room in its buffer); one that step n's token ends (token 0, a
+stop string) only wastes its row in step n + 1, whose row is then never sampled; its slot is reset when it is
+reused. A sequence in a launched step always gets that step's token, so no state is ever advanced twice. While a
+prompt waits to be admitted or prefilled, or a sequence sits out for backpressure, nothing is launched ahead: the
+pipeline drains and the scheduler decides the next step as usual.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from rwkv_app.config import ModelConfig
 from rwkv_app.infer.sampling import Sampled, Sampler, SamplingParams
 from rwkv_app.infer.scheduler import Scheduler, Step
 from rwkv_app.infer.textstream import Piece, TextStream
+from rwkv_app.infer.transfer import upload
 
 log = logging.getLogger(__name__)
 
@@ -387,7 +391,7 @@ class Engine:
         seqs = [_Seq(handle, i, slot, TextStream(self.tokenizer.incremental_decoder(), req.stops),
                      req.params.generator(offset=i)) for i, slot in enumerate(slots)]
         lead = seqs[0]
-        self.state.assign(torch.tensor([lead.slot], device=self.device), self._fresh)
+        self.state.assign(self._ids([lead.slot]), self._fresh)
         for s in seqs:
             self.sampler.reset(s.slot)
         lead.siblings = seqs[1:]
@@ -402,9 +406,9 @@ class Engine:
         seqs = plain + scoring  # the order of the logits' rows
         logits = []  # [B, V] pieces: the logits after each sequence's chunk
         if plain:
-            tokens = torch.tensor([s.prompt[s.pos:s.pos + chunk] for s in plain], device=self.device)  # [B, T]
-            logits.append(self.model.prefill(tokens, self.state, torch.tensor([s.slot for s in plain],
-                                                                              device=self.device)))
+            staged = self._ids([t for s in plain for t in s.prompt[s.pos:s.pos + chunk]] + [s.slot for s in plain])
+            tokens = staged[:len(plain) * chunk].view(len(plain), chunk)  # [B, T]
+            logits.append(self.model.prefill(tokens, self.state, staged[len(plain) * chunk:]))
         if scoring:
             logits.append(self._prefill_scoring(scoring, chunk))
         logits = torch.cat(logits) if len(logits) > 1 else logits[0]
@@ -417,8 +421,9 @@ class Engine:
         for i in done:
             lead = seqs[i]
             if lead.siblings:
-                dst = torch.tensor([s.slot for s in lead.siblings], device=self.device)
-                self.state.assign(dst, self.state.index(torch.tensor([lead.slot] * len(dst), device=self.device)))
+                n = len(lead.siblings)
+                staged = self._ids([s.slot for s in lead.siblings] + [lead.slot] * n)
+                self.state.assign(staged[:n], self.state.index(staged[n:]))
                 with self._cv:
                     self._seqs.extend(lead.siblings)
             group = [lead] + lead.siblings
@@ -431,7 +436,7 @@ class Engine:
                 rows.append(i)
                 members.append(s)
         if members:
-            self._sample_and_emit(logits[torch.tensor(rows, device=self.device)], members, touched)
+            self._sample_and_emit(logits, members, touched, rows=rows)
 
     def _prefill_scoring(self, seqs: list[_Seq], chunk: int) -> torch.Tensor:
         """Prefill one chunk through the full-sequence forward, recording the log-probability of every prompt token
@@ -472,42 +477,62 @@ class Engine:
                     self._finish(s, "length", [], touched)
 
     def _decode(self, seqs: list[_Seq], touched: set) -> None:
+        rows = None  # logits row of each sequence (None: row i)
         if self._ahead is not None:
             launched, logits = self._ahead
             self._ahead = None
-            if len(seqs) < len(launched):  # rows of sequences that ended meanwhile are dropped
-                rows = {id(s): i for i, s in enumerate(launched)}
-                logits = logits[torch.tensor([rows[id(s)] for s in seqs], device=self.device)]
+            if len(seqs) < len(launched):  # sequences that ended meanwhile: their rows are never sampled
+                at = {id(s): i for i, s in enumerate(launched)}
+                rows = [at[id(s)] for s in seqs]
         else:
-            logits = self._launch(seqs, [s.last_token for s in seqs])  # [B, V]
-        self._sample_and_emit(logits, seqs, touched, launch_next=True)
+            logits = self._launch(seqs)  # [B, V]
+        self._sample_and_emit(logits, seqs, touched, rows=rows, launch_next=True)
         self.tokens_decoded += len(seqs)
 
-    def _launch(self, seqs: list[_Seq], tokens: list[int]) -> torch.Tensor:
-        """Start a decode step of `seqs` on these tokens; logits [B, V] (computed asynchronously on a GPU)."""
-        slots = [s.slot for s in seqs]
-        if self._graphs is not None:
-            return self._graphs.run(tokens, slots)
-        return self.model.decode_step(torch.tensor(tokens, device=self.device), self.state,
-                                      torch.tensor(slots, device=self.device))
+    def _ids(self, values: list[int]) -> torch.Tensor:
+        """Host ids -> a device tensor, without waiting for the work queued on the device."""
+        return upload(values, torch.long, self.device)
 
-    def _launch_ahead(self, seqs: list[_Seq], sampled: list[Sampled]) -> None:
-        """Launch the next decode step now (see the module docstring), when it is certainly what comes next."""
+    def _launch(self, seqs: list[_Seq], tokens: Optional[torch.Tensor] = None,
+                rows: Optional[list[int]] = None) -> torch.Tensor:
+        """Queue a decode step of `seqs` -> logits [B, V] (computed asynchronously on a GPU). Sequence i reads
+        `tokens[rows[i]]` (a device tensor: the previous step's samples; rows None: `tokens[i]`), or with no
+        `tokens` its last token as the host knows it. What the host adds goes up in one copy."""
+        B = len(seqs)
+        slots = [s.slot for s in seqs]
+        if tokens is None:
+            staged = self._ids([s.last_token for s in seqs] + slots)
+            tokens = staged[:B]
+        else:
+            staged = self._ids((rows or []) + slots)
+            if rows is not None:
+                tokens = tokens.index_select(0, staged[:B])
+        if self._graphs is not None:
+            return self._graphs(tokens, staged[-B:])
+        return self.model.decode_step(tokens, self.state, staged[-B:])
+
+    def _launch_ahead(self, seqs: list[_Seq], tokens: torch.Tensor) -> None:
+        """Queue the next decode step now, fed from this step's tokens `tokens` [B] on the device, for every
+        sequence the host cannot yet rule out (see the module docstring)."""
         with self._cv:
             if self._inbox or self._waiting or len(self._seqs) != len(seqs):
                 return  # a prompt to admit or prefill, or a paused sequence: the scheduler decides
-            going = [(s, smp.token) for s, smp in zip(seqs, sampled)
-                     if smp.token != EOD and s.generated + 1 < s.handle.request.max_new_tokens
-                     and not s.handle.cancelled and len(s.handle._buffer) + 1 < OUTPUT_BUFFER]
+            going = [i for i, s in enumerate(seqs)
+                     if s.generated + 1 < s.handle.request.max_new_tokens and not s.handle.cancelled
+                     and len(s.handle._buffer) + 1 < OUTPUT_BUFFER]
         if going:
-            nxt = [s for s, _ in going]
-            self._ahead = (nxt, self._launch(nxt, [t for _, t in going]))
+            nxt = [seqs[i] for i in going]
+            self._ahead = (nxt, self._launch(nxt, tokens, None if len(going) == len(seqs) else going))
 
-    def _sample_and_emit(self, logits: torch.Tensor, seqs: list[_Seq], touched: set, launch_next: bool = False) -> None:
-        sampled = self.sampler.sample(logits, [s.slot for s in seqs], [s.params for s in seqs],
-                                      [s.generator for s in seqs])
+    def _sample_and_emit(self, logits: torch.Tensor, seqs: list[_Seq], touched: set,
+                         rows: Optional[list[int]] = None, launch_next: bool = False) -> None:
+        """Sample sequence i from logits row rows[i] (default i), launch the next step if asked, then wait for
+        these tokens alone and turn them into text and events."""
+        batch = self.sampler.sample(logits, [s.slot for s in seqs], [s.params for s in seqs],
+                                    [s.generator for s in seqs], rows)
         if launch_next:
-            self._launch_ahead(seqs, sampled)
+            self._launch_ahead(seqs, batch.tokens)
+        sampled = batch.result()
         with self._cv:
             for seq, smp in zip(seqs, sampled):
                 if seq.done or seq.handle.cancelled:

@@ -17,6 +17,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from rwkv_app.infer.transfer import Download, upload
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -57,8 +59,52 @@ class Sampled:
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
+class SampledBatch:
+    """The tokens of one sampled batch: `tokens` [B] on the device, ready to feed the next decode step, and their
+    copy (with any log-probabilities) on its way to the host; `result()` waits for that copy alone."""
+
+    def __init__(self, tokens: torch.Tensor, logprob_rows: list[int], ks: list[int], k_max: int,
+                 scores: Optional[torch.Tensor]):
+        self.tokens = tokens
+        self._rows, self._ks, self._k_max = logprob_rows, ks, k_max
+        # one copy: tokens, then per logprob row its chosen logprob, then the top k values and ids (float64 holds
+        # the ids and the fp32 logprobs exactly)
+        packed = tokens.double() if scores is None else torch.cat([tokens.double(), scores])
+        self._download = Download(packed)
+        self._result: Optional[list[Sampled]] = None
+
+    def result(self) -> list[Sampled]:
+        if self._result is None:
+            host = self._download.wait().tolist()
+            B, W, k = self.tokens.shape[0], len(self._rows), self._k_max
+            out = [Sampled(int(t)) for t in host[:B]]
+            chosen, top_v, top_i = host[B:B + W], host[B + W:B + W + W * k], host[B + W + W * k:]
+            for j, i in enumerate(self._rows):
+                out[i].logprob = chosen[j]
+                out[i].top = [(int(top_i[j * k + m]), top_v[j * k + m]) for m in range(self._ks[j])]
+            self._result = out
+        return self._result
+
+
+class _Staging:
+    """Host values gathered for one upload; `add` says where its values will sit in the uploaded tensor."""
+
+    def __init__(self):
+        self.values: list[float] = []
+
+    def add(self, values) -> slice:
+        start = len(self.values)
+        self.values.extend(values)
+        return slice(start, len(self.values))
+
+
 class Sampler:
-    """Sampling for one engine: holds the per-slot occurrence counts [slots, V] the penalties need."""
+    """Sampling for one engine: holds the per-slot occurrence counts [slots, V] the penalties need.
+
+    Everything runs on the logits' device, queued behind the step that made them: the rows' parameters (and the
+    uniforms drawn from each request's generator) go up in one non-blocking copy, the occurrence counts are updated
+    there, and the sampled tokens come back through one non-blocking copy. The host never waits inside `sample`.
+    """
 
     def __init__(self, num_slots: int, vocab_size: int, valid_vocab: int, device: torch.device):
         self.num_slots, self.vocab_size, self.device = num_slots, vocab_size, torch.device(device)
@@ -80,64 +126,94 @@ class Sampler:
 
     @torch.no_grad()
     def sample(self, logits: torch.Tensor, slots: Sequence[int], params: Sequence[SamplingParams],
-               generators: Sequence[torch.Generator]) -> list[Sampled]:
-        """logits [B, V] (any float dtype) -> one `Sampled` per row; updates the rows' occurrence counts."""
-        B, V = logits.shape
-        dev = logits.device
+               generators: Sequence[torch.Generator], rows: Optional[Sequence[int]] = None) -> SampledBatch:
+        """logits [N, V] (any float dtype) -> one token per request; request i reads logits row `rows[i]` (default
+        row i) and owns state slot `slots[i]`, whose occurrence counts are updated."""
+        V = logits.shape[1]
+        penalized = [i for i, p in enumerate(params) if p.penalized]
+        biased = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias if 0 <= t < V]
+        drawn = [i for i, p in enumerate(params) if not p.greedy]
+        truncating = any(params[i].truncates for i in drawn)
+        wants = [i for i, p in enumerate(params) if p.logprobs is not None]
+
+        host = _Staging()  # float64 holds the ids and the uniforms exactly; fp32 values are rounded on the device
+        at_rows = host.add(rows) if rows is not None else None
+        if penalized:
+            at_pen = host.add(penalized)
+            at_pen_slots = host.add(slots[i] for i in penalized)
+            at_presence = host.add(params[i].presence_penalty for i in penalized)
+            at_per_count = host.add(params[i].frequency_penalty + params[i].repetition_penalty for i in penalized)
+            at_decay = host.add(params[i].penalty_decay for i in penalized)
+        if biased:
+            r, t, b = zip(*biased)
+            at_bias = host.add(r), host.add(t), host.add(b)
+        if drawn:
+            at_drawn = host.add(drawn)
+            at_temp = host.add(params[i].temperature for i in drawn)
+            # one uniform per drawn row from the request's own generator, drawn here in row order
+            at_u = host.add(torch.rand((), generator=generators[i], dtype=torch.float64).item() for i in drawn)
+            if truncating:
+                at_k = host.add(params[i].top_k if params[i].top_k > 0 else V for i in drawn)
+                at_top_p = host.add(params[i].top_p for i in drawn)
+        if wants:
+            at_wants = host.add(wants)
+        staged = upload(host.values, torch.float64, logits.device) if host.values else None
+
+        def ints(at: slice) -> torch.Tensor:
+            return staged[at].long()
+
+        def floats(at: slice) -> torch.Tensor:
+            return staged[at].float()
+
+        if at_rows is not None:
+            logits = logits.index_select(0, ints(at_rows))
         raw = logits.float()
         x = raw.clone()
         if self.valid_vocab < V:
             x[:, self.valid_vocab:] = float("-inf")
-
-        penalized = [i for i, p in enumerate(params) if p.penalized]
         if penalized:
-            rows = torch.tensor(penalized, device=dev)
-            counts = self._count_table()[torch.tensor([slots[i] for i in penalized], device=dev)]  # [P, V]
-            presence = torch.tensor([params[i].presence_penalty for i in penalized], device=dev)[:, None]
-            per_count = torch.tensor([params[i].frequency_penalty + params[i].repetition_penalty for i in penalized],
-                                     device=dev)[:, None]
-            x[rows] -= presence * (counts > 0) + per_count * counts
-
-        biased = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias if 0 <= t < V]
+            pen_rows, pen_slots = ints(at_pen), ints(at_pen_slots)
+            counts = self._count_table()[pen_slots]  # [P, V]
+            x[pen_rows] -= floats(at_presence)[:, None] * (counts > 0) + floats(at_per_count)[:, None] * counts
         if biased:
-            r, t, b = zip(*biased)
-            x.index_put_((torch.tensor(r, device=dev), torch.tensor(t, device=dev)),
-                         torch.tensor(b, device=dev, dtype=x.dtype), accumulate=True)
+            x.index_put_((ints(at_bias[0]), ints(at_bias[1])), floats(at_bias[2]), accumulate=True)
 
-        tokens = x.argmax(dim=-1)  # greedy rows keep this
-        sampled = [i for i, p in enumerate(params) if not p.greedy]
-        if sampled:
-            tokens[torch.tensor(sampled, device=dev)] = self._draw(x, sampled, params, generators)
-
-        token_list = tokens.tolist()
+        tokens = x.argmax(dim=-1)  # [B]; greedy rows keep this
+        if drawn:
+            drawn_rows = ints(at_drawn)
+            truncation = (ints(at_k), floats(at_top_p)) if truncating else None
+            tokens[drawn_rows] = self._draw(x[drawn_rows], floats(at_temp), staged[at_u], truncation)
         if penalized:
-            self._count([slots[i] for i in penalized], [token_list[i] for i in penalized],
-                        [params[i].penalty_decay for i in penalized])
-        out = [Sampled(t) for t in token_list]
-        wants = [i for i, p in enumerate(params) if p.logprobs is not None]
-        if wants:
-            self._logprobs(raw[:, :self.valid_vocab], wants, params, tokens, out)
-        return out
+            self._count(pen_slots, tokens[pen_rows], floats(at_decay))
 
-    def _draw(self, x: torch.Tensor, rows_idx: list[int], params: Sequence[SamplingParams],
-              generators: Sequence[torch.Generator]) -> torch.Tensor:
-        """Inverse-CDF sampling of the given rows with temperature, top-k and top-p; one uniform draw per row."""
-        dev = x.device
-        rows = torch.tensor(rows_idx, device=dev)
-        temp = torch.tensor([params[i].temperature for i in rows_idx], device=dev)[:, None]
-        probs = torch.softmax(x[rows] / temp, dim=-1)  # [S, V]
-        u = torch.stack([torch.rand((), generator=generators[i], dtype=torch.float64) for i in rows_idx]).to(dev)
-        if any(params[i].truncates for i in rows_idx):
+        scores, ks, k_max = None, [], 0
+        if wants:
+            want_rows = ints(at_wants)
+            lp = torch.log_softmax(raw[want_rows, :self.valid_vocab], dim=-1)  # [W, V']
+            parts = [lp.gather(1, tokens[want_rows][:, None]).squeeze(1)]  # [W]
+            ks = [params[i].logprobs or 0 for i in wants]
+            k_max = max(ks)
+            if k_max:
+                top_v, top_i = lp.topk(k_max, dim=-1)  # [W, k]
+                parts += [top_v.flatten(), top_i.flatten()]
+            scores = torch.cat([p.double() for p in parts])
+        return SampledBatch(tokens, wants, ks, k_max, scores)
+
+    @staticmethod
+    def _draw(x: torch.Tensor, temp: torch.Tensor, u: torch.Tensor,
+              truncation: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Inverse-CDF sampling of the rows x [S, V] with temperature [S], top-k and top-p ([S] each, when any row
+        truncates) and one uniform [S] (float64) per row -> token ids [S]."""
+        probs = torch.softmax(x / temp[:, None], dim=-1)  # [S, V]
+        order = None
+        if truncation is not None:
+            k, top_p = truncation
             probs, order = probs.sort(dim=-1, descending=True, stable=True)
             V = probs.shape[-1]
-            k = torch.tensor([params[i].top_k if params[i].top_k > 0 else V for i in rows_idx], device=dev)[:, None]
-            top_p = torch.tensor([params[i].top_p for i in rows_idx], device=dev)[:, None]
             before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
-            drop = (torch.arange(V, device=dev)[None, :] >= k) | (before >= top_p)
+            drop = (torch.arange(V, device=x.device)[None, :] >= k[:, None]) | (before >= top_p[:, None])
             drop[:, 0] = False  # the most likely token always stays
             probs = probs.masked_fill(drop, 0.0)
-        else:
-            order = None
         cdf = probs.double().cumsum(dim=-1)
         pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=cdf.shape[-1] - 1)
         # A zero-probability token can only be hit through rounding at the top end; step back onto a real one.
@@ -145,22 +221,8 @@ class Sampler:
         pick = torch.where(probs.gather(1, pick) > 0, pick, last_real)
         return (order.gather(1, pick) if order is not None else pick).squeeze(1)
 
-    def _count(self, slots: list[int], tokens: list[int], decays: list[float]) -> None:
+    def _count(self, slots: torch.Tensor, tokens: torch.Tensor, decays: torch.Tensor) -> None:
+        """Decay the slots' counts [P, V], then count each slot's new token (a device scatter: no host values)."""
         table = self._count_table()
-        idx = torch.tensor(slots, device=self.device)
-        table[idx] *= torch.tensor(decays, device=self.device)[:, None]
-        table[idx, torch.tensor(tokens, device=self.device)] += 1.0
-
-    @staticmethod
-    def _logprobs(raw: torch.Tensor, rows_idx: list[int], params: Sequence[SamplingParams], tokens: torch.Tensor,
-                  out: list[Sampled]) -> None:
-        rows = torch.tensor(rows_idx, device=raw.device)
-        lp = torch.log_softmax(raw[rows], dim=-1)  # [W, V]
-        chosen = lp.gather(1, tokens[rows][:, None]).squeeze(1).tolist()
-        k_max = max(params[i].logprobs or 0 for i in rows_idx)
-        top_v, top_i = (lp.topk(k_max, dim=-1) if k_max else (None, None))
-        for j, i in enumerate(rows_idx):
-            out[i].logprob = chosen[j]
-            k = params[i].logprobs or 0
-            if k:
-                out[i].top = list(zip(top_i[j, :k].tolist(), top_v[j, :k].tolist()))
+        table[slots] *= decays[:, None]
+        table[slots, tokens] += 1.0
