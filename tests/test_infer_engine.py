@@ -3,6 +3,7 @@ prefill, cancellation, backpressure, queue limits and the end-of-document token.
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -163,3 +164,117 @@ def test_queue_limit_and_end_of_document(model, tok):
         engine.close()
     with pytest.raises(ValueError):
         engine.submit(GenerationRequest([1] * 500, GREEDY, 100))  # over max_context_len: the server checks first
+
+
+# ------------------------------------------------------------------------------------ pipelined decode steps
+
+
+def _reference_penalized(model, prompt, steps, valid, p: SamplingParams):
+    """Greedy with penalties and logit bias, token by token through the GPT-mode forward, counts in a float64
+    dict on the host: what the engine's device-side sampler must reproduce."""
+    out, counts = [], {}
+    with torch.no_grad():
+        logits, state = model(torch.tensor([prompt]))
+        for _ in range(steps):
+            x = logits[0, -1, :valid].double().tolist()
+            for t, c in counts.items():
+                x[t] -= p.presence_penalty + (p.frequency_penalty + p.repetition_penalty) * c
+            for t, b in p.logit_bias:
+                x[t] += b
+            nxt = max(range(valid), key=lambda t: x[t])
+            out.append(nxt)
+            counts = {t: c * p.penalty_decay for t, c in counts.items()}
+            counts[nxt] = counts.get(nxt, 0.0) + 1.0
+            if nxt == 0:
+                break
+            logits, state = model(torch.tensor([[nxt]]), state)
+    return out
+
+
+def test_the_next_step_is_queued_before_the_host_reads_the_tokens(model, tok):
+    engine = _engine(model, tok)
+    log = []
+    sample, launch = engine.sampler.sample, engine._launch
+
+    def logged_sample(*a, **kw):
+        batch = sample(*a, **kw)
+        result = batch.result
+        batch.result = lambda: log.append("result") or result()
+        log.append("sample")
+        return batch
+
+    engine.sampler.sample = logged_sample
+    engine._launch = lambda *a: log.append("launch") or launch(*a)
+    try:
+        tokens, reason = engine.generate(tok.encode("pipelined"), 8, SamplingParams(temperature=0.0,
+                                                                                  logit_bias=((0, -100.0),)))
+    finally:
+        engine.close()
+    assert reason == "length" and len(tokens) == 8
+    # the prefill samples token 1 (nothing in flight yet); decode step 1 is launched from the host's token 1;
+    # each later step is launched from the device's tokens before the host reads them; none past the limit
+    assert log == ["sample", "result", "launch"] + ["sample", "launch", "result"] * 6 + ["sample", "result"]
+
+
+def test_a_slot_freed_while_a_step_including_it_runs_serves_the_next_request_fresh(model, tok):
+    ban_eod = ((0, -100.0),)
+    ended = SamplingParams(temperature=0.0, presence_penalty=0.6, logit_bias=ban_eod)
+    long_running = SamplingParams(temperature=0.0, logit_bias=ban_eod)
+    newcomer = SamplingParams(temperature=0.9, top_k=30, frequency_penalty=0.4, seed=21, logit_bias=ban_eod)
+    prompts = [tok.encode("the one that stops"), tok.encode("the one that runs on"), tok.encode("the newcomer")]
+    engine = _engine(model, tok, max_batch_size=2)
+    try:
+        alone = [_read_all(engine.submit(GenerationRequest(p, q, n)))[0][0]
+                 for p, q, n in zip(prompts, (ended, long_running, newcomer), (20, 30, 12))]
+        text = "".join(piece.text for piece in alone[0])
+        stop = text[6:8]
+        assert stop not in text[:6]
+        in_flight, late = [], []
+        finish = engine._finish
+
+        def finish_and_submit(seq, reason, *a, **kw):
+            if reason == "stop" and seq.handle.request.stops:  # the first request meets its stop string:
+                in_flight.append(engine._ahead is not None and seq in engine._ahead[0])  # its next step is running
+                late.append(engine.submit(GenerationRequest(prompts[2], newcomer, 12)))  # and its slot goes next
+            return finish(seq, reason, *a, **kw)
+
+        engine._finish = finish_and_submit
+        first = engine.submit(GenerationRequest(prompts[0], ended, 20, stops=[stop]))
+        second = engine.submit(GenerationRequest(prompts[1], long_running, 30))
+        got = [_read_all(first), _read_all(second)]
+        got.append(_read_all(late[0]))
+    finally:
+        engine.close()
+    assert in_flight == [True]
+    assert "".join(piece.text for piece in got[0][0][0]) == text[:6] and got[0][1][0][0] == "stop"
+    assert [piece.token for piece in got[1][0][0]] == [piece.token for piece in alone[1]]
+    assert [piece.token for piece in got[2][0][0]] == [piece.token for piece in alone[2]]  # fresh state and counts
+
+
+def test_penalized_and_seeded_requests_are_exact_among_requests_that_end_mid_flight(model, tok):
+    penalized = SamplingParams(temperature=0.0, presence_penalty=0.4, frequency_penalty=0.3, repetition_penalty=0.2,
+                               penalty_decay=0.9, logit_bias=((0, -100.0), (104, 1.5)))
+    seeded = SamplingParams(temperature=1.1, top_p=0.95, presence_penalty=0.2, seed=5, logprobs=2,
+                            logit_bias=((0, -100.0),))
+    eod_soon = SamplingParams(temperature=0.0, logit_bias=((0, 8.0),))  # token 0 wins after a few tokens, or at once
+    prompt_p, prompt_s = tok.encode("penalties on the device"), tok.encode("a seeded one")
+    want = _reference_penalized(model, prompt_p, 24, tok.vocab_size, penalized)
+    engine = _engine(model, tok, max_batch_size=6)
+    try:
+        alone = _read_all(engine.submit(GenerationRequest(prompt_s, seeded, 24)))[0][0]
+        handles = [engine.submit(GenerationRequest(prompt_p, penalized, 24)),
+                   engine.submit(GenerationRequest(prompt_s, seeded, 24)),
+                   engine.submit(GenerationRequest(tok.encode("short"), seeded, 3)),
+                   engine.submit(GenerationRequest(tok.encode("ends"), eod_soon, 24)),
+                   engine.submit(GenerationRequest(tok.encode("stops"), SamplingParams(seed=9), 24, stops=["e", "a"])),
+                   engine.submit(GenerationRequest(tok.encode("two"), seeded, 7, n=2))]
+        got = [_read_all(h) for h in handles]
+    finally:
+        engine.close()
+    assert [p.token for p in got[0][0][0]] == want
+    assert [p.token for p in got[1][0][0]] == [p.token for p in alone]  # the same draws whatever the batch
+    # logprobs as close as the model's logits at another batch size are
+    assert all(math.isclose(a.logprob, b.logprob, abs_tol=1e-4) and [t for t, _ in a.top] == [t for t, _ in b.top]
+               for a, b in zip(got[1][0][0], alone))
+    assert got[2][1][0] == ("length", 3) and got[5][1] == {0: ("length", 7), 1: ("length", 7)}
+    assert got[3][1][0][0] == "stop"

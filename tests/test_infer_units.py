@@ -110,6 +110,36 @@ def test_penalties_follow_rwkv_rs_with_decay():
     assert sampler._counts[1].abs().sum() == 0 and sampler._counts[0].abs().sum() == 0
 
 
+def test_penalties_over_many_steps_equal_a_host_reference():
+    """Counts live and grow on the device (a scatter of the sampled ids); a float64 dict per slot must agree, with
+    rows sampled out of order from a larger logits table and slots sitting out some steps."""
+    vocab, slots = 24, 5
+    sampler = Sampler(slots, vocab, vocab, torch.device("cpu"))
+    params = [SamplingParams(temperature=0.0, presence_penalty=0.5 * s, frequency_penalty=0.3,
+                             repetition_penalty=0.1 * s, penalty_decay=1.0 - 0.1 * s) for s in range(slots)]
+    counts = [dict() for _ in range(slots)]  # slot -> {token: decayed count}
+    gen = torch.Generator().manual_seed(11)
+    for step in range(40):
+        live = [s for s in range(slots) if (step + s) % 4]  # each slot skips every fourth step
+        table = torch.randn(len(live) + 2, vocab, generator=gen, dtype=torch.float64).float()
+        rows = torch.randperm(len(table), generator=gen)[:len(live)].tolist()
+        got = sampler.sample(table, live, [params[s] for s in live], [torch.Generator()] * len(live), rows).result()
+        for s, r, smp in zip(live, rows, got):
+            p = params[s]
+            x = table[r].double().tolist()
+            for t, c in counts[s].items():
+                x[t] -= p.presence_penalty + (p.frequency_penalty + p.repetition_penalty) * c
+            want = max(range(vocab), key=lambda t: x[t])
+            assert smp.token == want, (step, s)
+            counts[s] = {t: c * p.penalty_decay for t, c in counts[s].items()}
+            counts[s][want] = counts[s].get(want, 0.0) + 1.0
+    for s in range(slots):
+        want = torch.zeros(vocab, dtype=torch.float64)
+        for t, c in counts[s].items():
+            want[t] = c
+        assert torch.allclose(sampler._counts[s].double(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_logit_bias_and_logprobs():
     sampler = Sampler(1, V, 40, torch.device("cpu"))
     row = _logits(4)
