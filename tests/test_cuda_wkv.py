@@ -7,12 +7,17 @@ outputs carry their own rounding (~1.7e-3), fp32 ones only fp32 arithmetic.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from rwkv_app.config import load_model_config
+from rwkv_app.model import RWKV7
 from rwkv_app.ops import cuda as wkv_cuda
 from rwkv_app.ops.reference import wkv7_sequential
+from rwkv_app.ops.wkv7 import BACKEND_ENV
 
 pytestmark = [
     pytest.mark.cuda,
@@ -212,3 +217,111 @@ def test_bad_shapes_are_rejected():
     with pytest.raises(ValueError, match="shape"):
         wkv_cuda.wkv7_train(y, y, y, y, y, y[:, :3])
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the sequence-parallel path (rwkv_app.ops.seqpar over these kernels)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,T,H,chunks", [
+    (1, 2048, 2, 8),       # long T, few heads: 16 sequences of 256 steps
+    (1, 2048, 2, None),    # the automatic choice (32 chunks of 64 steps here)
+    (2, 999, 1, 4),        # B > 1 and T not a multiple of the chunks (identity steps padded at the front)
+])
+def test_sequence_parallel_matches_float64_reference(B, T, H, chunks, dtype):
+    N = 64
+    gen = torch.Generator().manual_seed(T + B)
+    xs = [x.requires_grad_() for x in make_inputs(B, T, H, N, dtype, gen)]
+    state = (torch.randn(B, H, N, N, generator=gen) * 0.3).to(DEV).requires_grad_()
+    dy = torch.randn(B, T, H, N, generator=gen).to(dtype).to(DEV)
+    dstate = torch.randn(B, H, N, N, generator=gen).to(DEV)
+    assert chunks is not None or wkv_cuda.choose_time_chunks(B, T, H) > 1
+
+    y, s = wkv_cuda.wkv7_train(*xs, state, time_chunks=chunks)
+    assert y.dtype == dtype and s.dtype == torch.float32
+    ((y.float() * dy.float()).sum() + (s * dstate).sum()).backward()
+    y_ref, s_ref, grads_ref = reference(xs, state, dy, dstate)
+
+    tol = TOL[dtype]
+    assert rel(y, y_ref) < tol and rel(s, s_ref) < tol
+    for name, x, g in zip(NAMES + ("state",), xs + [state], grads_ref):
+        assert x.grad is not None and x.grad.dtype == x.dtype, name
+        assert rel(x.grad, g) < tol, f"d{name}: {rel(x.grad, g):.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sequence_parallel_prefill_matches_sequential(dtype):
+    gen = torch.Generator().manual_seed(21)
+    B, T, H, N = 1, 1500, 3, 64
+    xs = make_inputs(B, T, H, N, dtype, gen)
+    state0 = torch.randn(B, H, N, N, generator=gen).to(DEV) * 0.3
+    seq_state = state0.clone()
+    y_seq = wkv_cuda.wkv7_prefill(*xs, seq_state, time_chunks=1)
+    wide = torch.zeros(B, H, N, 2 * N, device=DEV)   # a non-contiguous state is updated in place too
+    par_state = wide[..., :N]
+    par_state.copy_(state0)
+    y_par = wkv_cuda.wkv7_prefill(*xs, par_state, time_chunks=8)
+    # different summation order (a scan over chunks), so only the rounding differs
+    assert rel(y_par, y_seq) < (1e-5 if dtype == torch.float32 else 4e-3)
+    assert rel(par_state, seq_state) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a whole model: CUDA kernels against the PyTorch WKV path
+
+def model_grads(model: RWKV7, tokens: torch.Tensor, targets: torch.Tensor, autocast: bool):
+    """Logits (fp32), loss and every parameter's gradient of one training step (cross entropy in fp32, as training
+    computes it)."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        logits, _ = model(tokens)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach().float(), loss.item(), grads
+
+
+def test_whole_01b_model_loss_and_gradients_cuda_vs_torch(monkeypatch):
+    """The 0.1B architecture (L12 C768 H12, V 65536) under bf16 autocast as training runs it, B=2, T=512.
+
+    Tolerance: under autocast every matmul rounds its inputs to bf16, so logits, loss and gradients carry relative
+    noise whichever WKV path runs. Swapping the WKV path changes only the WKV's own rounding, a part of that noise,
+    so each difference between the CUDA and PyTorch paths must stay within twice the distance between the PyTorch
+    path under autocast and in full fp32 (the bf16 noise itself; two independent draws of it differ by about
+    sqrt(2) of it). The loss, one number, gets a floor of 1e-4 relative (a single draw of its noise can be tiny).
+    """
+    cfg = load_model_config(Path(__file__).resolve().parents[1] / "config", "rwkv-lm-0.1b")
+    torch.manual_seed(0)
+    model = RWKV7(cfg)  # BlinkDL's initialisation
+    with torch.no_grad():  # ... whose zero output matrices would leave the WKV without a gradient to pass on
+        for block in model.blocks:
+            for weight in (block.att.output.weight, block.ffn.value.weight):
+                weight.copy_(torch.randn(weight.shape) / math.sqrt(weight.shape[1]))
+    model = model.to(DEV).train()
+    model.compile_training = False  # eager block maths: the test is about the WKV op, not the compiler
+    tokens = torch.randint(0, cfg.vocab_size, (2, 513)).to(DEV)
+    x, targets = tokens[:, :-1], tokens[:, 1:]
+
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    logits_fp32, loss_fp32, grads_fp32 = model_grads(model, x, targets, autocast=False)
+    logits_torch, loss_torch, grads_torch = model_grads(model, x, targets, autocast=True)
+    monkeypatch.setenv(BACKEND_ENV, "cuda")
+    assert wkv_cuda.choose_time_chunks(2, 512, cfg.num_heads) > 1  # the automatic choice: sequence-parallel
+    runs = {"auto (sequence-parallel)": model_grads(model, x, targets, autocast=True)}
+    monkeypatch.setenv(wkv_cuda.TIME_CHUNKS_ENV, "1")
+    runs["sequential"] = model_grads(model, x, targets, autocast=True)
+
+    logits_noise = rel(logits_torch, logits_fp32)
+    loss_noise = abs(loss_torch - loss_fp32)
+    for path, (logits, loss, grads) in runs.items():
+        print(f"{path}: logits cuda-torch {rel(logits, logits_torch):.2e} (noise {logits_noise:.2e}); loss cuda "
+              f"{loss:.6f} torch {loss_torch:.6f} fp32 {loss_fp32:.6f}")
+        assert rel(logits, logits_torch) <= 2 * logits_noise
+        assert abs(loss - loss_torch) <= max(2 * loss_noise, 1e-4 * abs(loss_torch))
+        assert grads.keys() == grads_torch.keys() == grads_fp32.keys()
+        ratios = []
+        for name, g in grads.items():
+            noise, diff = rel(grads_torch[name], grads_fp32[name]), rel(g, grads_torch[name])
+            ratios.append((diff / max(noise, 1e-30), name, diff, noise))
+            assert diff <= 2 * noise + 1e-6, f"{path}: d{name}: cuda vs torch {diff:.2e}, bf16 noise {noise:.2e}"
+        print("  largest (cuda-torch) / noise:", [f"{n} {d:.1e}/{e:.1e}" for _, n, d, e in sorted(ratios)[-3:]])

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rwkv_app.ops import seqpar
+from rwkv_app.errors import UserError
+from rwkv_app.ops import cuda, seqpar
 from rwkv_app.ops.chunked import wkv7_chunked
 from rwkv_app.ops.reference import wkv7_sequential
 
@@ -113,3 +114,18 @@ def test_auto_chunks_rule():
     assert seqpar.auto_chunks(192, 1 << 16) == 1     # only 2 chunks would reach the target: not worth it
     assert seqpar.auto_chunks(64, 128) == 1          # too short
     assert seqpar.auto_chunks(4, 1) == 1             # T = 1
+
+
+def test_time_chunks_environment_override(monkeypatch):
+    monkeypatch.delenv(cuda.TIME_CHUNKS_ENV, raising=False)
+    assert cuda.choose_time_chunks(1, 32768, 64) == 8
+    monkeypatch.setenv(cuda.TIME_CHUNKS_ENV, "1")
+    assert cuda.choose_time_chunks(1, 32768, 64) == 1
+    monkeypatch.setenv(cuda.TIME_CHUNKS_ENV, " 16 ")
+    assert cuda.choose_time_chunks(8, 4096, 64) == 16
+    monkeypatch.setenv(cuda.TIME_CHUNKS_ENV, "Auto")
+    assert cuda.choose_time_chunks(8, 4096, 64) == 1
+    for bad in ("0", "-2", "many"):
+        monkeypatch.setenv(cuda.TIME_CHUNKS_ENV, bad)
+        with pytest.raises(UserError, match="RWKV_WKV_TIME_CHUNKS"):
+            cuda.choose_time_chunks(1, 100, 1)

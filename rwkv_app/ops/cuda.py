@@ -9,13 +9,23 @@ fp16 inputs are computed in fp32; outputs come back in the input dtype. Head siz
 
 The operators are registered as torch.ops.rwkv_app.wkv7_{fwd,bwd,prefill,decode}; their `config` arguments (-1 =
 chosen for the shape) exist for benchmarks that compare launch configurations.
+
+Training and prefill choose by shape between the sequential kernels (one block per head walks all T steps) and the
+sequence-parallel path (`seqpar`: T cut into chunks that the same kernels run side by side), which wins when B*H is
+small and T long; see `choose_time_chunks`. Environment `RWKV_WKV_TIME_CHUNKS` overrides the choice: `auto`
+(default), `1` (always sequential) or n >= 2 (always n chunks); so does the `time_chunks` argument of `wkv7_train`
+and `wkv7_prefill`.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
+
+from rwkv_app.errors import UserError
+from rwkv_app.ops import seqpar
 
 try:
     from rwkv_app import _wkv7_cuda  # noqa: F401  (loading it registers torch.ops.rwkv_app.*)
@@ -24,6 +34,7 @@ except ImportError as exc:  # not built (CPU install) or built for another torch
     IMPORT_ERROR = str(exc) or type(exc).__name__
 
 SUPPORTED_HEAD_SIZES = (32, 64, 128)
+TIME_CHUNKS_ENV = "RWKV_WKV_TIME_CHUNKS"
 
 
 def available() -> bool:
@@ -72,12 +83,46 @@ class _WKV7Function(torch.autograd.Function):
         return dr, dw, dk, dv, da, db, dstate_in
 
 
+def choose_time_chunks(B: int, T: int, H: int) -> int:
+    """How many time chunks a [B, T, H, N] call runs in parallel: 1 = the sequential kernels.
+
+    `RWKV_WKV_TIME_CHUNKS` if set to a number, else `seqpar.auto_chunks(B*H, T)`: enough chunks to run about 512
+    sequences of at least 64 steps, when that makes at least 4 (measured on an H100, benchmarks/RESULTS.md).
+    """
+    raw = os.environ.get(TIME_CHUNKS_ENV, "auto").strip().lower() or "auto"
+    if raw == "auto":
+        return seqpar.auto_chunks(B * H, T)
+    if not raw.isdigit() or int(raw) < 1:
+        raise UserError(f"environment {TIME_CHUNKS_ENV}={raw!r}: expected auto or a whole number >= 1")
+    return int(raw)
+
+
+def _prefill_kernel(r, w, k, v, a, b, state):
+    return torch.ops.rwkv_app.wkv7_prefill(r, w, k, v, a, b, state, -1), state
+
+
+def _forward_kernel(r, w, k, v, a, b, state):
+    y, state_out, sa, ckpt = torch.ops.rwkv_app.wkv7_fwd(r, w, k, v, a, b, state, -1)
+    return y, state_out, (r, w, k, v, a, b, sa, ckpt)
+
+
+def _backward_kernel(saved, dy, dstate):
+    return torch.ops.rwkv_app.wkv7_bwd(*saved, dy, dstate, -1, -1)
+
+
+KERNELS = seqpar.Kernels(_prefill_kernel, _forward_kernel, _backward_kernel)
+
+
 def wkv7_train(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-               state: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+               state: Optional[torch.Tensor] = None,
+               time_chunks: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable WKV-7 over [B, T, H, N] inputs (any T): returns y (input dtype) and the final state (fp32).
 
     Gradients reach all six inputs and `state` (None = zeros). Memory saved for the backward: the inputs, S a
-    (fp32, one value per input element) and the state every 16 steps.
+    (fp32, one value per input element) and the state every 16 steps (plus, sequence-parallel, P_c: one N x N
+    matrix per head and chunk). `time_chunks`: None chooses by shape (`choose_time_chunks`), 1 forces the sequential
+    kernels, n >= 2 the sequence-parallel path with n chunks. Under torch.compile the sequential kernels run (the
+    graph knows their shapes through fake implementations).
     """
     _check(r, (w, k, v, a, b), 4)
     B, T, H, N = r.shape
@@ -86,21 +131,34 @@ def wkv7_train(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     elif state.shape != (B, H, N, N):
         raise ValueError(f"wkv7 (cuda): state must have shape {(B, H, N, N)}, got {tuple(state.shape)}")
     xs = _prepare((r, w, k, v, a, b))
-    y, state_out = _WKV7Function.apply(*xs, state.float().contiguous())
+    state = state.float().contiguous()
+    chunks = 1 if torch.compiler.is_compiling() else time_chunks or choose_time_chunks(B, T, H)
+    if min(chunks, T) > 1:
+        y, state_out = seqpar.wkv7(KERNELS, *xs, state, chunks)
+    else:
+        y, state_out = _WKV7Function.apply(*xs, state)
     return y.to(r.dtype), state_out
 
 
 @torch.no_grad()
 def wkv7_prefill(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                 state: torch.Tensor) -> torch.Tensor:
-    """Run T >= 1 tokens from `state` [B, H, N, N] (fp32, updated in place); returns y. Saves no activations."""
+                 state: torch.Tensor, time_chunks: Optional[int] = None) -> torch.Tensor:
+    """Run T >= 1 tokens from `state` [B, H, N, N] (fp32, updated in place); returns y. Saves no activations.
+
+    `time_chunks` as in `wkv7_train`."""
     _check(r, (w, k, v, a, b), 4)
     B, T, H, N = r.shape
     if state.shape != (B, H, N, N) or state.dtype != torch.float32:
         raise ValueError(f"wkv7 (cuda): prefill state must be float32 {(B, H, N, N)}, got {state.dtype} "
                          f"{tuple(state.shape)}")
+    xs = _prepare((r, w, k, v, a, b))
+    chunks = time_chunks or choose_time_chunks(B, T, H)
+    if min(chunks, T) > 1:
+        y, final = seqpar.prefill(KERNELS, *xs, state.contiguous(), chunks)
+        state.copy_(final)
+        return y.to(r.dtype)
     work = state if state.is_contiguous() else state.contiguous()
-    y = torch.ops.rwkv_app.wkv7_prefill(*_prepare((r, w, k, v, a, b)), work, -1)
+    y = torch.ops.rwkv_app.wkv7_prefill(*xs, work, -1)
     if work is not state:
         state.copy_(work)
     return y.to(r.dtype)
