@@ -278,3 +278,68 @@ def test_penalized_and_seeded_requests_are_exact_among_requests_that_end_mid_fli
                for a, b in zip(got[1][0][0], alone))
     assert got[2][1][0] == ("length", 3) and got[5][1] == {0: ("length", 7), 1: ("length", 7)}
     assert got[3][1][0][0] == "stop"
+
+
+# --------------------------------------------------------------------- graph wrappers (capture faked on the CPU)
+
+
+class _FakeGraph:
+    """Stands in for a captured CUDA graph: a replay reruns the captured call on its fixed buffers."""
+
+    def __init__(self, run, out):
+        self.run, self.out = run, out
+
+    def replay(self):
+        self.out.copy_(self.run())
+
+
+def _fake_entry(captures, key, slots, scratch, run):
+    if key not in captures.graphs:
+        slots.fill_(scratch)
+        out = run().clone()  # the capture runs once, on the scratch slot
+        captures.graphs[key] = (_FakeGraph(run, out), out)
+    return captures.graphs[key]
+
+
+def test_graph_wrappers_pad_batches_and_split_prefill_chunks_into_power_of_two_pieces(model, monkeypatch):
+    from rwkv_app.infer import cudagraph
+
+    monkeypatch.setattr(cudagraph._Captures, "entry", _fake_entry)
+    scratch = 6
+    table = model.new_state(scratch + 1)
+    g = torch.Generator().manual_seed(3)
+    for t in (table.att_shift, table.wkv, table.ffn_shift):  # every row someone's state: never zeros
+        t.copy_(torch.randn(t.shape, generator=g))
+    slots = torch.tensor([4, 0, 2])  # 3 rows: bucket 4, one padding row on the scratch slot
+    tokens = torch.randint(1, CFG.vocab_size, (3, 13), generator=g)  # 13 = 8 + 4 + 1
+    step = torch.randint(1, CFG.vocab_size, (3,), generator=g)
+    first_slots = torch.tensor([5, 1, 3, 4])  # a full bucket first: the 3-row calls must not reuse its 4th row
+    first = torch.randint(1, CFG.vocab_size, (4, 8), generator=g)
+    with torch.no_grad():
+        eager = table.clone()
+        model.prefill(first, eager, first_slots)
+        model.decode_step(first[:, 0], eager, first_slots)
+        want = [model.prefill(tokens[:, :8], eager, slots), model.prefill(tokens[:, 8:12], eager, slots),
+                model.prefill(tokens[:, 12:], eager, slots)][-1]
+        want_step = model.decode_step(step, eager, slots)
+        whole = table.clone()
+        want_whole = model.prefill(tokens, whole, slots)
+
+        graphed = table.clone()
+        prefill = cudagraph.GraphedPrefill(model, graphed, max_rows=8, scratch_slot=scratch)
+        decode = cudagraph.GraphedDecode(model, graphed, max_batch=6, scratch_slot=scratch)
+        prefill(first, first_slots)
+        decode(first[:, 0], first_slots)
+        got = prefill(tokens, slots)
+        got_step = decode(step, slots)
+        assert sorted(prefill._captures.graphs) == [(4, 1), (4, 4), (4, 8)] and sorted(decode._captures.graphs) == [4]
+        # one eager call once the longest piece spans more than max_tokens (4 rows x 8 > 16)
+        limited = table.clone()
+        got_whole = cudagraph.GraphedPrefill(model, limited, max_rows=8, scratch_slot=scratch, max_tokens=16)(
+            tokens, slots)
+    for a, b in [(got, want), (got_step, want_step), (got_whole, want_whole)]:
+        assert ((a - b).abs().max() / b.std()).item() < 1e-5  # padding rows change the CPU matmuls' rounding only
+    real = list(range(scratch))  # every real slot as the eager calls left it (padding went to the scratch slot)
+    for got_state, want_state in [(graphed, eager), (limited, whole)]:
+        for a, b in zip(vars(got_state.index(real)).values(), vars(want_state.index(real)).values()):
+            assert ((a - b).abs().max() / b.std()).item() < 1e-5

@@ -222,12 +222,14 @@ class Engine:
         per_seq = self.state.wkv[:, 0].nbytes + self.state.att_shift[:, 0].nbytes * 2  # bytes of one state
         self.scheduler = Scheduler(paragraph_len, decode_first, max(1, PREFILL_STATE_BYTES // per_seq))
         on_gpu = self.device.type == "cuda"
-        model.compile_decode = torch_compile and on_gpu  # torch.compile of the decode step's block maths
-        self._graphs = None
+        model.compile_serving = torch_compile and on_gpu  # torch.compile of the prefill / decode block maths
+        self._graphs = self._prefill_graphs = None
         if cuda_graphs and on_gpu:
-            from rwkv_app.infer.cudagraph import GraphedDecode
+            from rwkv_app.infer.cudagraph import GraphedDecode, GraphedPrefill
 
             self._graphs = GraphedDecode(model, self.state, max_batch_size, scratch_slot=max_batch_size)
+            rows = min(max_batch_size, self.scheduler.max_prefill_rows)
+            self._prefill_graphs = GraphedPrefill(model, self.state, rows, scratch_slot=max_batch_size)
         self._ahead: Optional[tuple[list[_Seq], torch.Tensor]] = None  # a decode step launched, not yet sampled
 
         self._cv = threading.Condition()
@@ -313,7 +315,8 @@ class Engine:
             with self._cv:
                 self._abort_all("the server is shutting down")
             self._thread.join()
-        self.model = self._graphs = self._ahead = None  # type: ignore[assignment]  (graphs hold the model too)
+        self.model = self._graphs = self._prefill_graphs = self._ahead = None  # type: ignore[assignment]
+        # (the graphs hold the model too)
         self.state = self._fresh = None  # type: ignore[assignment]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -327,6 +330,7 @@ class Engine:
     def _run(self) -> None:
         try:
             with torch.inference_mode(), _on_device(self.device):
+                self.model.warm_up_serving()  # compiles (when on) before the first request, as the captures below
                 if self._graphs is not None:
                     self._graphs.capture_all()  # before the first request, so no request waits for a capture
                 while self._iterate():
@@ -408,7 +412,8 @@ class Engine:
         if plain:
             staged = self._ids([t for s in plain for t in s.prompt[s.pos:s.pos + chunk]] + [s.slot for s in plain])
             tokens = staged[:len(plain) * chunk].view(len(plain), chunk)  # [B, T]
-            logits.append(self.model.prefill(tokens, self.state, staged[len(plain) * chunk:]))
+            prefill = self._prefill_graphs or (lambda t, s: self.model.prefill(t, self.state, s))
+            logits.append(prefill(tokens, staged[len(plain) * chunk:]))
         if scoring:
             logits.append(self._prefill_scoring(scoring, chunk))
         logits = torch.cat(logits) if len(logits) > 1 else logits[0]
