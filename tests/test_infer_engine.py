@@ -343,3 +343,66 @@ def test_graph_wrappers_pad_batches_and_split_prefill_chunks_into_power_of_two_p
     for got_state, want_state in [(graphed, eager), (limited, whole)]:
         for a, b in zip(vars(got_state.index(real)).values(), vars(want_state.index(real)).values()):
             assert ((a - b).abs().max() / b.std()).item() < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------------- CUDA
+
+
+def _follows_the_model(model, prompt, tokens, p: SamplingParams, valid) -> bool:
+    """Greedy `tokens` after `prompt` are what the fp32 GPT-mode forward (on the CPU) picks at every position, with
+    the penalties and bias applied on the host, up to rounding between the two code paths (1e-3 of the logits)."""
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([prompt + tokens[:-1]]))
+    logits = logits[0, len(prompt) - 1:, :valid].double()
+    counts = {}
+    for t, row in zip(tokens, logits):
+        x = row.clone()
+        for u, c in counts.items():
+            x[u] -= p.presence_penalty + (p.frequency_penalty + p.repetition_penalty) * c
+        for u, b in p.logit_bias:
+            x[u] += b
+        if x[t] < x.max() - 1e-3:
+            return False
+        counts = {u: c * p.penalty_decay for u, c in counts.items()}
+        counts[t] = counts.get(t, 0.0) + 1.0
+    return True
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+def test_cuda_pipelined_engine_follows_the_model_with_slots_reused_mid_flight(model, tok):
+    import copy
+
+    gpu = copy.deepcopy(model).to("cuda")  # fp32: greedy choices are the model's up to rounding
+    ban = ((0, -100.0),)
+    greedy = [SamplingParams(temperature=0.0, logit_bias=ban),
+              SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.2, penalty_decay=0.95,
+                             logit_bias=ban),
+              SamplingParams(temperature=0.0, logit_bias=((0, 6.0),))]  # ends on token 0 sooner or later
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, frequency_penalty=0.3, seed=17, logit_bias=ban)
+    prompts = [tok.encode(f"prompt number {i} " + "xyz" * i) for i in range(9)]
+    engine = _engine(gpu, tok, max_batch_size=4, paragraph_len=16)
+    try:
+        alone = _read_all(engine.submit(GenerationRequest(prompts[8], seeded, 24)))[0][0]
+        # 9 requests on 4 slots: slots are freed and reused while the next decode step is in flight
+        requests = [GenerationRequest(p, greedy[i % 3], 8 + 4 * i, stops=["z9"] if i == 4 else [])
+                    for i, p in enumerate(prompts[:8])] + [GenerationRequest(prompts[8], seeded, 24)]
+        handles = [engine.submit(r) for r in requests]
+        got = [_read_all(h) for h in handles]
+        assert engine.active_slots == 0 and engine._graphs.disabled is None
+        assert engine._prefill_graphs.disabled is None and engine._prefill_graphs._captures.graphs
+    finally:
+        engine.close()
+    ended_on_eod = 0
+    for r, (pieces, reasons) in zip(requests[:8], got):
+        tokens = [p.token for p in pieces.get(0, []) if p.token >= 0]
+        reason, count = reasons[0]
+        if count == len(tokens) + 1:  # token 0 ended it (counted, never sent as text)
+            tokens.append(0)
+            ended_on_eod += 1
+        assert count == len(tokens) or (reason == "stop" and r.stops)
+        assert _follows_the_model(model, r.prompt, tokens, r.params, tok.vocab_size)
+    assert ended_on_eod >= 1
+    assert [p.token for p in got[8][0][0]] == [p.token for p in alone]
