@@ -226,11 +226,12 @@ def test_cuda_serving_matches_forward_with_graphs(compiled):
 @cuda
 def test_cuda_engine_with_graphs_gives_the_eager_engines_tokens(tok):
     model = tiny_model(32, seed=16, vocab_size=256).to("cuda", torch.bfloat16)
-    prompts = [list(b"one prompt"), list(b"a second, longer prompt"), list(b"3")]
+    # prompts of 8, 16 and 1 tokens: each prefill chunk is one graph piece (a power of two), the eager call's shape
+    prompts = [list(b"a prompt"), list(b"a second, longer"), list(b"3")]
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, seed=5), SamplingParams(temperature=0.0)]
     outputs = []
     for graphs in (False, True):
-        # one slot: every step has batch 1 in both engines (no padding), and a graph replays the eager step's
+        # one slot: every step has batch 1 in both engines (no padding), and a graph replays the eager call's
         # kernels exactly, so the tokens must be the same; the queued requests are admitted between overlapped steps
         engine = engine_for(model, tok, max_batch_size=1, cuda_graphs=graphs)
         try:
