@@ -3,8 +3,10 @@
 For each concurrency level, that many clients send streaming completions back to back for `--duration` seconds
 (prompt of `--prompt-len` random token ids, `--max-tokens` generated, the end-of-document token banned so every
 request has the same length). Reported: requests/s, output tokens/s, time to first token and inter-token latency
-(gap between streamed events) p50/p95/p99, errors. The client is a small asyncio HTTP/1.1 reader, so it stays
-cheaper than the server it measures.
+(gap between streamed events) p50/p95/p99, errors; and from the server's /metrics, the engine's decode steps and
+prefill chunks per second and the generated tokens per decode step (about the decode batch) over the level (where the time went: a decode step serves every
+running request, a prefill chunk only the newly admitted ones). The client is a small asyncio HTTP/1.1 reader, so it
+stays cheaper than the server it measures.
 
     python benchmarks/serve.py --model-cfg rwkv-lm-7.2b --concurrency 1,8,32,64,128 --json out.json
     python benchmarks/serve.py --model-cfg demo --device cpu --concurrency 1,4 --duration 3 --max-tokens 16
@@ -95,6 +97,20 @@ async def one_request(port: int, body: bytes) -> dict:
         writer.close()
 
 
+def engine_counters(port: int) -> dict[str, float]:
+    """Decode steps, prefill chunks and generated tokens so far, from the server's Prometheus text."""
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    out = {"decode": 0.0, "prefill": 0.0, "tokens": 0.0}
+    for line in text.splitlines():
+        if line.startswith("rwkv_engine_steps{"):
+            out["decode" if 'kind="decode"' in line else "prefill"] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("rwkv_generation_tokens_total{"):
+            out["tokens"] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def pct(values: list, p: float) -> float:
     if not values:
         return float("nan")
@@ -169,13 +185,20 @@ def main(argv=None) -> int:
                     raise SystemExit("server did not start:\n" + (root / "server.log").read_text()[-3000:])
                 time.sleep(0.5)
             print(f"{'conc':>5} {'req/s':>7} {'out tok/s':>10} {'TTFT p50/p95/p99 ms':>22} "
-                  f"{'ITL p50/p95/p99 ms':>22} {'errors':>7}")
+                  f"{'ITL p50/p95/p99 ms':>22} {'errors':>7} {'decode/s':>9} {'prefill/s':>9} {'tok/step':>8}")
             for c in (int(x) for x in args.concurrency.split(",")):
+                before = engine_counters(args.port)
                 r = asyncio.run(load(args.port, c, args.duration, args.prompt_len, args.max_tokens, vocab))
+                after = engine_counters(args.port)
+                steps = after["decode"] - before["decode"]
+                r.update(decode_steps_s=steps / r["seconds"], prefill_chunks_s=(after["prefill"] - before["prefill"])
+                         / r["seconds"], tokens_per_decode_step=(after["tokens"] - before["tokens"]) / max(steps, 1))
                 rows.append(r)
                 print(f"{c:>5} {r['req_s']:>7.2f} {r['out_tok_s']:>10,.0f} "
                       f"{r['ttft_p50_ms']:>8.0f}/{r['ttft_p95_ms']:.0f}/{r['ttft_p99_ms']:.0f} "
-                      f"{r['itl_p50_ms']:>10.1f}/{r['itl_p95_ms']:.1f}/{r['itl_p99_ms']:.1f} {r['errors']:>7}", flush=True)
+                      f"{r['itl_p50_ms']:>10.1f}/{r['itl_p95_ms']:.1f}/{r['itl_p99_ms']:.1f} {r['errors']:>7} "
+                      f"{r['decode_steps_s']:>9.1f} {r['prefill_chunks_s']:>9.1f} {r['tokens_per_decode_step']:>8.1f}",
+                      flush=True)
                 if r["first_error"]:
                     print("  first error:", r["first_error"])
         finally:
