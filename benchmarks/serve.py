@@ -4,9 +4,9 @@ For each concurrency level, that many clients send streaming completions back to
 (prompt of `--prompt-len` random token ids, `--max-tokens` generated, the end-of-document token banned so every
 request has the same length). Reported: requests/s, output tokens/s, time to first token and inter-token latency
 (gap between streamed events) p50/p95/p99, errors; and from the server's /metrics, the engine's decode steps and
-prefill chunks per second and the generated tokens per decode step (about the decode batch) over the level (where the time went: a decode step serves every
-running request, a prefill chunk only the newly admitted ones). The client is a small asyncio HTTP/1.1 reader, so it
-stays cheaper than the server it measures.
+prefill chunks per second and the generated tokens per decode step (about the decode batch) over the level: where
+the time went, since a decode step serves every running request and a prefill chunk only the newly admitted ones.
+The client is a small asyncio HTTP/1.1 reader, so it stays cheaper than the server it measures.
 
     python benchmarks/serve.py --model-cfg rwkv-lm-7.2b --concurrency 1,8,32,64,128 --json out.json
     python benchmarks/serve.py --model-cfg demo --device cpu --concurrency 1,4 --duration 3 --max-tokens 16
