@@ -15,6 +15,7 @@ from rwkv_app.tokenizer import GenericTokenizer, create_vocab_file_from_tokens
 
 VOCAB = 97
 FIELDS = ("att_shift", "wkv", "ffn_shift")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def tiny_model(head_size: int, seed: int, dtype=torch.float32, vocab_size: int = VOCAB) -> RWKV7:
@@ -127,12 +128,75 @@ def test_a_failing_compiler_falls_back_to_the_eager_maths(monkeypatch, caplog):
 
     monkeypatch.setattr(rwkv7_module, "_compiled", rwkv7_module._Compiled())
     monkeypatch.setattr(torch, "compile", broken_compile)
-    model.compile_decode = True
+    model.compile_serving = True
     got = model.decode_step(tokens, busy_table(model, 2, seed=11), slots)
     assert torch.equal(got, want)
     assert rwkv7_module._compiled.error == "RuntimeError: inductor is not available here"
     assert "running eagerly" in caplog.text
-    assert model._decode_maths() == (rwkv7_module._mix_in, rwkv7_module._block_out)
+    assert model._serving_maths() == (rwkv7_module._mix_in, rwkv7_module._block_out)
+
+
+@pytest.mark.parametrize("head_size,slot", [(16, 4), (32, 0), (64, 2)])
+def test_the_one_token_sum_form_matches_forward(monkeypatch, head_size, slot):
+    # the form compiled decoding at batch 1 takes (every matmul a product and a sum), here run eagerly
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    model = tiny_model(head_size, seed=20 + slot)
+    seq = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(slot))
+    start = busy_table(model, 1, seed=21)
+    with torch.no_grad():
+        want, want_state = model(seq, start)
+    table = busy_table(model, 5, seed=22)
+    rows = torch.tensor([slot])
+    table.assign(rows, start)
+    got = [model.prefill(seq[:, :1], table, rows)]  # a one-token prefill takes the same form
+    got += [model.decode_step(seq[:, t], table, rows) for t in range(1, 5)]
+    assert rel_err(torch.stack(got, 1), want) <= 1e-5
+    for f in FIELDS:
+        assert rel_err(getattr(table.index(rows), f), getattr(want_state, f)) <= 1e-5
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_the_warm_up_compiles_every_kind_of_call_serving_makes(monkeypatch, device):
+    # Dynamo for real (with a backend that runs the traced graphs as they are): after the warm-up, no batch or
+    # chunk size serving uses traces anything new, and the traced maths (sum form at one token included) still
+    # give forward's logits
+    import torch._dynamo
+
+    traced = []
+
+    def counting_backend(gm, example_inputs):
+        traced.append(gm)
+        return gm.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": counting_backend}))
+    monkeypatch.setattr(rwkv7_module, "_compiled", rwkv7_module._Compiled())
+    torch._dynamo.reset()
+    try:
+        model = tiny_model(32, seed=23).to(device)
+        model.compile_serving = True
+        model.warm_up_serving()
+        assert len(traced) == 12  # 4 kinds of call x (block 0 or not, for `_mix_in` only)
+        seqs = torch.randint(0, VOCAB, (4, 9), generator=torch.Generator().manual_seed(24)).to(device)
+        start = busy_table(model, 4, seed=25).to(device)
+        with torch.no_grad():
+            want, _ = model(seqs, start)
+        table = busy_table(model, 6, seed=26).to(device)
+        rows = torch.tensor([5, 1, 3, 0], device=device)
+        table.assign(rows, start)
+        one = table.index([2])
+        one.assign([0], start.index([1]))
+        row0 = torch.tensor([0], device=device)
+        with torch.inference_mode():  # as the engine serves (and warms up)
+            got = [model.prefill(seqs[:, :4], table, rows), model.prefill(seqs[:, 4:5], table, rows)]
+            got += [model.decode_step(seqs[:, t], table, rows) for t in range(5, 9)]
+            single = [model.prefill(seqs[1:2, :4], one, row0), model.prefill(seqs[1:2, 4:5], one, row0)]
+        assert len(traced) == 12
+    finally:
+        torch._dynamo.reset()
+    assert rwkv7_module._compiled.error is None
+    assert rel_err(torch.stack(got, 1), want[:, 3:]) <= 1e-5
+    assert rel_err(torch.stack(single, 1), want[1:2, [3, 4]]) <= 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -193,20 +257,18 @@ def test_a_stop_string_met_while_the_next_step_runs_changes_nothing_for_the_othe
     assert together[1:] == alone[1:]
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
 
 @cuda
-@pytest.mark.parametrize("compiled", [False, True])
-def test_cuda_serving_matches_forward_with_graphs(compiled):
+@pytest.mark.parametrize("compiled,rows", [(False, [4, 0, 2]), (True, [4, 0, 2]), (True, [3])])
+def test_cuda_serving_matches_forward_with_graphs(compiled, rows):
     from rwkv_app.infer.cudagraph import GraphedDecode
 
     dev = torch.device("cuda")
     exact = tiny_model(64, seed=12).to(dev)  # fp32: the truth both bf16 paths are measured against
     model = tiny_model(64, seed=12).to(dev, torch.bfloat16)
-    model.compile_decode = compiled
-    B, S = 3, 6
-    slots = torch.tensor([4, 0, 2], device=dev)
+    model.compile_serving = compiled  # one row: the compiled step takes the sum form
+    B, S = len(rows), 6
+    slots = torch.tensor(rows, device=dev)
     seqs = torch.randint(1, VOCAB, (B, 12), generator=torch.Generator().manual_seed(13)).to(dev)
     with torch.no_grad():
         want, _ = exact(seqs)

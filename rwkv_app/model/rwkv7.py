@@ -293,7 +293,9 @@ class Block(nn.Module):
 # `prefill` and `decode_step` run each block as two pure functions around the WKV op, written for few kernels: one
 # lerp builds all six token-shift mixes, one batched matmul each way runs the w/a/v LoRAs, the residual adds ride
 # on the output matmuls (addmm), and the shift rows are gathered/scattered once per step for all layers. The same
-# functions, under `torch.compile`, become a handful of fused kernels per block (`RWKV7.compile_decode`).
+# functions, under `torch.compile`, become a handful of fused kernels per block (`RWKV7.compile_serving`). For a
+# single token (decode at batch 1) the compiled form also writes every matmul as a product and a sum (`_mm`): the
+# sums become reduction kernels that stream each weight once, with the elementwise work on either side fused in.
 
 LN_EPS = 1e-5  # nn.LayerNorm's default, used by ln0/ln1/ln2/ln_out
 
@@ -356,24 +358,45 @@ def _shifted(h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     return prev.unsqueeze(1) if h.shape[1] == 1 else _token_shift(h, prev)
 
 
+def _mm(a: torch.Tensor, b: torch.Tensor, add: Optional[torch.Tensor] = None, by_sum: bool = False) -> torch.Tensor:
+    """a [.., M, K] @ b [.., K, N] (+ add), as one cuBLAS call, or with `by_sum` as an fp32 product summed over K.
+
+    The sum form is for one token under torch.compile only: there the sum is a single reduction kernel that reads
+    each weight once, takes the input's producers (LayerNorm, token-shift lerp) and the output's consumers
+    (activation, residual add) into the same kernel, and needs no split-K pass. On the H100 at batch 1 that beats
+    cuBLAS's small-M kernels plus the separate elementwise launches. Run eagerly it would materialise [.., M, K, N]."""
+    if by_sum:
+        out = (a.unsqueeze(-1).float() * b.unsqueeze(-3).float()).sum(-2).to(a.dtype)
+        return out if add is None else add + out
+    if add is None:
+        return a @ b
+    return torch.baddbmm(add, a, b) if a.dim() == 3 else torch.addmm(add, a, b)
+
+
+def _by_sum(x: torch.Tensor) -> bool:
+    """Whether the matmuls for activations x [B, T, C] take `_mm`'s sum form: one token, under torch.compile."""
+    return x.shape[0] * x.shape[1] == 1 and torch.compiler.is_compiling()
+
+
 def _mix_in(lw: ServingWeights, x: torch.Tensor, att_prev: torch.Tensor, v_first: Optional[torch.Tensor]):
     """A block's input x [B, T, C] -> (x after ln0, h = ln1(x), r, w, k, v, a, b, g, v_first), all [B, T, C]:
     the six WKV inputs (w the raw decay, a = kk, b = -kk * a_gate: see below) and what `_block_out` needs."""
     B, T, C = x.shape
     H, N = lw.r_k.shape
+    by_sum = _by_sum(x)
     if lw.ln0 is not None:
         x = F.layer_norm(x, (C,), *lw.ln0, eps=LN_EPS)
     h = F.layer_norm(x, (C,), lw.ln1_w, lw.ln1_b, eps=LN_EPS)
     xs = torch.lerp(h, _shifted(h, att_prev), lw.mix).view(6, B * T, C)   # h + (shifted - h) * x_*
-    lora = torch.bmm(xs[:3], lw.lora_down)                                 # [3, BT, D]
+    lora = _mm(xs[:3], lw.lora_down, by_sum=by_sum)                        # [3, BT, D]
     lora[0].tanh_()
-    lora = torch.baddbmm(lw.lora_bias, lora, lw.lora_up)                   # [3, BT, C]: w0 + .., a0 + .., v0 + ..
+    lora = _mm(lora, lw.lora_up, lw.lora_bias, by_sum=by_sum)              # [3, BT, C]: w0 + .., a0 + .., v0 + ..
     lora[1:].sigmoid_()
     w, a, v_gate = lora.unbind(0)                                          # raw decay, in-context rate, v mix
-    g = torch.sigmoid(xs[3] @ lw.g1) @ lw.g2
-    r = F.linear(xs[4], lw.receptance)
-    k = F.linear(xs[5], lw.key)
-    v = F.linear(xs[2], lw.value)
+    g = _mm(torch.sigmoid(_mm(xs[3], lw.g1, by_sum=by_sum)), lw.g2, by_sum=by_sum)
+    r = _mm(xs[4], lw.receptance.t(), by_sum=by_sum)
+    k = _mm(xs[5], lw.key.t(), by_sum=by_sum)
+    v = _mm(xs[2], lw.value.t(), by_sum=by_sum)
     if v_first is None:
         v_first = v.view(B, T, C)
     else:
@@ -393,22 +416,25 @@ def _block_out(lw: ServingWeights, x: torch.Tensor, y: torch.Tensor, r: torch.Te
     the channel mix. Returns (block output [B, T, C], h2 = ln2 output [B, T, C])."""
     B, T, C = x.shape
     H, N = lw.r_k.shape
+    by_sum = _by_sum(x)
     y = F.group_norm(y.reshape(B * T, C), H, lw.ln_x_w, lw.ln_x_b, eps=LN_X_EPS)
     heads = lambda t: t.reshape(B * T, H, N)  # noqa: E731
     bonus = (heads(r * k) * lw.r_k).sum(-1, keepdim=True)                 # [BT, H, 1]: r.k per head
     y = torch.addcmul(heads(y), bonus, heads(v)).view(B * T, C)           # GroupNorm(y) + (r.k) v
-    x = torch.addmm(x.reshape(B * T, C), y * g.reshape(B * T, C), lw.output.t())
+    x = _mm(y * g.reshape(B * T, C), lw.output.t(), x.reshape(B * T, C), by_sum=by_sum)
     h2 = F.layer_norm(x, (C,), lw.ln2_w, lw.ln2_b, eps=LN_EPS).view(B, T, C)
     kx = torch.lerp(h2, _shifted(h2, ffn_prev), lw.ffn_mix).view(B * T, C)
-    x = torch.addmm(x, torch.relu(F.linear(kx, lw.ffn_key)).square_(), lw.ffn_value.t())
+    x = _mm(torch.relu(_mm(kx, lw.ffn_key.t(), by_sum=by_sum)).square_(), lw.ffn_value.t(), x, by_sum=by_sum)
     return x.view(B, T, C), h2
 
 
 class _Compiled:
     """`torch.compile`d `_mix_in` / `_block_out`, made on first use; `error` says why compiling failed (then every
-    caller uses the eager functions: a failure costs speed, never a request)."""
+    caller uses the eager functions: a failure costs speed, never a request). `options` go to inductor as they are
+    (benchmarks try settings with them)."""
 
-    def __init__(self):
+    def __init__(self, options: Optional[dict] = None):
+        self.options = options
         self.error: Optional[str] = None
         self._fns: Optional[tuple] = None
         self._lock = threading.Lock()  # Dynamo compiles are not thread-safe; engines run on their own threads
@@ -417,10 +443,10 @@ class _Compiled:
         if self._fns is None:
             import torch._dynamo
 
-            # a graph per (block 0 or not) x (batch 1 or any batch: the second batch size makes it dynamic) x model
-            # shape x device
+            # per function, a graph for each of: block 0 or not x (one token | tokens [1, T] | rows [B, 1] | [B, T]),
+            # the sizes above 1 dynamic from their second value on; x model shape x device
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self._fns = (torch.compile(_mix_in, fullgraph=True), torch.compile(_block_out, fullgraph=True))
+            self._fns = tuple(torch.compile(fn, fullgraph=True, options=self.options) for fn in (_mix_in, _block_out))
         return self._fns
 
     def _run(self, which: int, eager, *args):
@@ -441,7 +467,6 @@ class _Compiled:
     def block_out(self, *args):
         return self._run(1, _block_out, *args)
 
-
 _compiled = _Compiled()
 
 
@@ -452,7 +477,7 @@ class RWKV7(nn.Module):
         self.grad_checkpoint = False  # recompute each block during backward (training memory for compute)
         self.compile_training = True  # training on CUDA: the block maths run torch.compile'd (COMPILED_MATHS)
         self._blocks_compiled = False  # `compile_blocks` was called
-        self.compile_decode = False  # decode_step: torch.compile the per-block maths (worth it on CUDA)
+        self.compile_serving = False  # prefill / decode_step: torch.compile the per-block maths (worth it on CUDA)
         self._serving_cache: Optional[tuple] = None  # (weight versions, [ServingWeights]) for the serving paths
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
@@ -526,7 +551,7 @@ class RWKV7(nn.Module):
         token [B, V]."""
         B, T = tokens.shape
         H, N = self.cfg.num_heads, self.cfg.head_dim
-        mix_in, block_out = _mix_in, _block_out  # long sequences: big elementwise passes, little to fuse
+        mix_in, block_out = self._serving_maths()
         att_prev = state.att_shift.index_select(1, slots)                 # [L, B, C]
         ffn_prev = state.ffn_shift.index_select(1, slots)
         x, v_first = self.emb(tokens), None                                # [B, T, C]
@@ -548,7 +573,7 @@ class RWKV7(nn.Module):
         """One token per sequence: tokens [B] for state rows `slots` (distinct; updated in place) -> logits [B, V]."""
         B = tokens.shape[0]
         H, N = self.cfg.num_heads, self.cfg.head_dim
-        mix_in, block_out = self._decode_maths()
+        mix_in, block_out = self._serving_maths()
         # one gather and one scatter per shift table for the whole step, not two per layer
         att_prev = state.att_shift.index_select(1, slots)                 # [L, B, C]
         ffn_prev = state.ffn_shift.index_select(1, slots)
@@ -575,9 +600,26 @@ class RWKV7(nn.Module):
             self._serving_cache = (key, layers)
         return self._serving_cache[1]
 
-    def _decode_maths(self):
-        """The two halves of a block for `decode_step`: `torch.compile`d when `compile_decode` is on (the engine
-        sets it on CUDA only) and compiling has not failed; plain eager PyTorch otherwise."""
-        if self.compile_decode and _compiled.error is None:
+    @torch.no_grad()
+    def warm_up_serving(self) -> None:
+        """Compile the serving maths now, when `compile_serving` is on, for each kind of call `prefill` and
+        `decode_step` will get: one token, one token for each of several sequences, several tokens of one sequence,
+        several tokens of several sequences (sizes past 1 are dynamic, so these four cover every batch and chunk
+        size). Each compile takes seconds: at load time, no request waits for one. Uses a private state table."""
+        if not self.compile_serving:
+            return
+        with torch.inference_mode():
+            state = self.new_state(3)
+            rows = torch.arange(3, device=self.device)
+            tokens = torch.zeros(3, 3, dtype=torch.long, device=self.device)
+            self.decode_step(tokens[:1, 0], state, rows[:1])
+            self.decode_step(tokens[:2, 0], state, rows[:2])
+            self.prefill(tokens[:1, :2], state, rows[:1])
+            self.prefill(tokens[:2, :3], state, rows[:2])  # batch 2 of 3 tokens: distinct sizes, no size guard B == T
+
+    def _serving_maths(self):
+        """The two halves of a block for `prefill` and `decode_step`: `torch.compile`d when `compile_serving` is on
+        (the engine sets it on CUDA only) and compiling has not failed; plain eager PyTorch otherwise."""
+        if self.compile_serving and _compiled.error is None:
             return _compiled.mix_in, _compiled.block_out
         return _mix_in, _block_out
