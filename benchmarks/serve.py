@@ -6,6 +6,8 @@ request has the same length). Reported: requests/s, output tokens/s, time to fir
 (gap between streamed events) p50/p95/p99, errors; and from the server's /metrics, the engine's decode steps and
 prefill chunks per second and the generated tokens per decode step (about the decode batch) over the level: where
 the time went, since a decode step serves every running request and a prefill chunk only the newly admitted ones.
+On Linux also the server's CPU use over the level, as a share of one core: its main thread (the event loop: HTTP,
+SSE encoding) and all its other threads (mostly the engine's worker).
 The client is a small asyncio HTTP/1.1 reader, so it stays cheaper than the server it measures.
 
     python benchmarks/serve.py --model-cfg rwkv-lm-7.2b --concurrency 1,8,32,64,128 --json out.json
@@ -111,6 +113,23 @@ def engine_counters(port: int) -> dict[str, float]:
     return out
 
 
+def thread_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds so far of process `pid`: (main thread, every other thread); zeros where /proc is missing."""
+    main = others = 0.0
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        used = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        if task.name == str(pid):
+            main += used
+        else:
+            others += used
+    return main, others
+
+
 def pct(values: list, p: float) -> float:
     if not values:
         return float("nan")
@@ -185,11 +204,13 @@ def main(argv=None) -> int:
                     raise SystemExit("server did not start:\n" + (root / "server.log").read_text()[-3000:])
                 time.sleep(0.5)
             print(f"{'conc':>5} {'req/s':>7} {'out tok/s':>10} {'TTFT p50/p95/p99 ms':>22} "
-                  f"{'ITL p50/p95/p99 ms':>22} {'errors':>7} {'decode/s':>9} {'prefill/s':>9} {'tok/step':>8}")
+                  f"{'ITL p50/p95/p99 ms':>22} {'errors':>7} {'decode/s':>9} {'prefill/s':>9} {'tok/step':>8} "
+                  f"{'CPU loop/other':>15}")
             for c in (int(x) for x in args.concurrency.split(",")):
-                before = engine_counters(args.port)
+                before, cpu_before = engine_counters(args.port), thread_cpu(proc.pid)
                 r = asyncio.run(load(args.port, c, args.duration, args.prompt_len, args.max_tokens, vocab))
-                after = engine_counters(args.port)
+                after, cpu_after = engine_counters(args.port), thread_cpu(proc.pid)
+                r["cpu_loop"], r["cpu_other"] = ((b - a) / r["seconds"] for a, b in zip(cpu_before, cpu_after))
                 steps = after["decode"] - before["decode"]
                 r.update(decode_steps_s=steps / r["seconds"], prefill_chunks_s=(after["prefill"] - before["prefill"])
                          / r["seconds"], tokens_per_decode_step=(after["tokens"] - before["tokens"]) / max(steps, 1))
@@ -197,7 +218,8 @@ def main(argv=None) -> int:
                 print(f"{c:>5} {r['req_s']:>7.2f} {r['out_tok_s']:>10,.0f} "
                       f"{r['ttft_p50_ms']:>8.0f}/{r['ttft_p95_ms']:.0f}/{r['ttft_p99_ms']:.0f} "
                       f"{r['itl_p50_ms']:>10.1f}/{r['itl_p95_ms']:.1f}/{r['itl_p99_ms']:.1f} {r['errors']:>7} "
-                      f"{r['decode_steps_s']:>9.1f} {r['prefill_chunks_s']:>9.1f} {r['tokens_per_decode_step']:>8.1f}",
+                      f"{r['decode_steps_s']:>9.1f} {r['prefill_chunks_s']:>9.1f} {r['tokens_per_decode_step']:>8.1f} "
+                      f"{r['cpu_loop']:>7.0%}/{r['cpu_other']:.0%}",
                       flush=True)
                 if r["first_error"]:
                     print("  first error:", r["first_error"])
