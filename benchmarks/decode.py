@@ -3,17 +3,21 @@
 Decode figures per batch size B (B sequences, one token each per step, over a slot table in a shuffled order):
   model    eager `model.decode_step` (every kernel launched from Python)
   graph    the same step replayed as a CUDA graph (`rwkv_app/infer/cudagraph.py`)
-  compiled the graph of the step with its block maths under torch.compile (`model.compile_decode`)
+  compiled the graph of the step with its block maths under torch.compile (`model.compile_serving`)
   engine   the whole serving engine: B requests decoding together, with sampling (greedy), detokenizing and the
            per-step bookkeeping, steady-state decode steps only; it runs the faster of graph / compiled
-plus prefill (`model.prefill` of B x T tokens). Every graph is first checked against the eager step: `err` is
-max |graph - eager| / std(eager) of the logits. `--count-ops` prints instead how many ATen ops (views excluded,
-the WKV step counted as its one kernel) one eager decode step dispatches: what a CUDA graph replays, kernel for
-kernel. It runs on the meta device, so any config size counts in a second.
+plus prefill (`model.prefill` of B x T tokens, eager and compiled maths) and, per model, the time
+`model.warm_up_serving()` takes to compile the serving maths (what an engine with `torch_compile` spends at load).
+Every graph is first checked against the eager step: `err` is max |graph - eager| / std(eager) of the logits.
+`--profile` adds, per batch and variant, the kernels of one graph replay (count and GPU time, torch.profiler).
+`--count-ops` prints instead how many ATen ops (views excluded, the WKV step counted as its one kernel) one eager
+decode step dispatches: what a CUDA graph replays, kernel for kernel. It runs on the meta device, so any config
+size counts in a second.
 
     python benchmarks/decode.py --model-cfg rwkv-lm-7.2b --batches 1,8,32,128,512 --json out.json
     python benchmarks/decode.py --model-cfg demo --device cpu --dtype fp32 --batches 1,4 --steps 8   # smoke run
     python benchmarks/decode.py --model-cfg rwkv-lm-7.2b --model-cfg rwkv-lm-0.1b --count-ops
+    python benchmarks/decode.py --model-cfg rwkv-lm-0.1b --batches 1 --profile --inductor coordinate_descent_tuning=1
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -94,7 +99,28 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).abs().max() / want.float().std()).item()
 
 
-def bench_step(model, cfg, device, dtype, batch: int, steps: int, variants: list[bool]) -> dict:
+def kernel_table(fn, device: torch.device, top: int = 25) -> dict:
+    """The GPU kernels one call of fn runs: total count and time, and the `top` kernels by time (name, count, µs)."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        _sync(device)
+    per_name: dict = defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type.name == "CUDA" and not e.name.startswith(("Memcpy", "Memset")):
+            per_name[e.name][0] += 1
+            per_name[e.name][1] += e.time_range.elapsed_us()
+    rows = sorted(((name, n, us) for name, (n, us) in per_name.items()), key=lambda r: -r[2])
+    return {"kernels": sum(r[1] for r in rows), "kernel_us": sum(r[2] for r in rows),
+            "top": [(name[:160], n, round(us, 1)) for name, n, us in rows[:top]]}
+
+
+def bench_step(model, cfg, device, dtype, batch: int, steps: int, variants: list[bool], profile: bool = False) -> dict:
     """Eager step, then one graph per variant (False = eager maths, True = compiled maths), each checked first."""
     from rwkv_app.infer.cudagraph import GraphedDecode
 
@@ -106,23 +132,29 @@ def bench_step(model, cfg, device, dtype, batch: int, steps: int, variants: list
     slots = torch.randperm(batch, device=device, generator=g)
     out = {"batch": batch}
     with torch.inference_mode():
-        model.compile_decode = False
+        model.compile_serving = False
         snapshot = state.clone()
         want = model.decode_step(tokens, state, slots).clone()
         out["model_tok_s"] = batch / _time(lambda: model.decode_step(tokens, state, slots), device, steps)
         for compiled in variants:
             key = "compiled" if compiled else "graph"
-            model.compile_decode = compiled
+            model.compile_serving = compiled
             state.assign(torch.arange(batch + 1, device=device), snapshot)
             graphed = GraphedDecode(model, state, batch, scratch_slot=batch)
             t0 = time.perf_counter()
             got = graphed(tokens, slots)
-            out[f"{key}_first_call_s"] = time.perf_counter() - t0  # capture (and compile) included
+            out[f"{key}_first_call_s"] = time.perf_counter() - t0  # capture (and any compile left) included
             out[f"{key}_err"] = _rel_err(got, want)
             out[f"{key}_disabled"] = graphed.disabled
             out[f"{key}_tok_s"] = batch / _time(lambda: graphed(tokens, slots), device, steps)
+            if profile:
+                out[f"{key}_profile"] = table = kernel_table(lambda: graphed(tokens, slots), device)
+                print(f"  {key} b{batch}: {table['kernels']} kernels, {table['kernel_us']:,.0f} us of kernel time "
+                      f"per step (step {1e6 * batch / out[f'{key}_tok_s']:,.0f} us)")
+                for name, n, us in table["top"][:12]:
+                    print(f"    {us:9.1f} us {n:5d}x  {name[:110]}")
             del graphed
-        model.compile_decode = False
+        model.compile_serving = False
     if True in variants:
         out["compile_error"] = rwkv7._compiled.error
     return out
@@ -166,7 +198,7 @@ def bench_engine(model, cfg, device, batch: int, steps: int, graphs: bool, compi
             h.cancel()
         engine.close(timeout=60)
         reader.join()
-        model.compile_decode = False
+        model.compile_serving = False
 
 
 VIEW_OPS = {"view", "_unsafe_view", "reshape", "_reshape_alias", "unsqueeze", "squeeze", "select", "slice", "t",
@@ -216,12 +248,35 @@ def count_ops(cfg: ModelConfig, batch: int = 1) -> dict[str, int]:
     return dict(counts.most_common())
 
 
-def bench_prefill(model, cfg, device, dtype, batch: int, length: int, steps: int) -> float:
+def bench_prefill(model, cfg, device, dtype, batch: int, length: int, steps: int, compiled: bool) -> float:
     state = RWKV7State.zeros(cfg, batch, device, dtype)
     tokens = torch.randint(1, cfg.vocab_size, (batch, length), device=device)
     slots = torch.arange(batch, device=device)
-    with torch.inference_mode():
-        return batch * length / _time(lambda: model.prefill(tokens, state, slots), device, steps)
+    model.compile_serving = compiled
+    try:
+        with torch.inference_mode():
+            return batch * length / _time(lambda: model.prefill(tokens, state, slots), device, steps)
+    finally:
+        model.compile_serving = False
+
+
+def warm_up_time(model) -> float:
+    """Seconds `warm_up_serving` takes from a clean compiler cache: the compile an engine pays at load."""
+    torch._dynamo.reset()
+    model.compile_serving = True
+    t0 = time.perf_counter()
+    model.warm_up_serving()
+    model.compile_serving = False
+    return time.perf_counter() - t0
+
+
+def inductor_options(pairs: list[str]) -> Optional[dict]:
+    """["name=value", ...] -> {name: value} with ints / floats / booleans parsed."""
+    options = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        options[name] = json.loads(value.lower()) if value.lower() in ("true", "false") else json.loads(value)
+    return options or None
 
 
 def environment(device: torch.device, dtype: str) -> dict:
@@ -252,6 +307,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=0, help="skip what is left after this many seconds (0: none)")
     ap.add_argument("--json", help="write the results here (rewritten after every row)")
     ap.add_argument("--count-ops", action="store_true", help="only count the ops of one eager decode step")
+    ap.add_argument("--profile", action="store_true", help="list the kernels of one graph replay per batch")
+    ap.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
+                    help="an inductor option for the compiled serving maths (repeatable), e.g. max_autotune=true")
     args = ap.parse_args(argv)
     if args.count_ops:
         for name in args.model_cfg:
@@ -274,20 +332,25 @@ def main(argv=None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
 
+    rwkv7._compiled = rwkv7._Compiled(inductor_options(args.inductor))
+    results["inductor"] = args.inductor
     for name in args.model_cfg:
         if over():
             break
         cfg = load_model_config(args.config_dir, name)
         model = random_model(cfg, device, dtype)
-        torch._dynamo.reset()  # one model per process, as in a server: its own compiled graphs
         rows, prefill = [], []
-        results["models"][name] = {"decode": rows, "prefill": prefill, "params": cfg.num_parameters}
+        results["models"][name] = entry = {"decode": rows, "prefill": prefill, "params": cfg.num_parameters}
         print(f"\n{name}: L{cfg.n_layer} C{cfg.n_embd} V{cfg.vocab_size} ({cfg.num_parameters / 1e9:.2f}B params)")
+        if True in variants:  # one model per process, as in a server: its own compiled graphs, made at load
+            entry["warm_up_s"] = warm_up_time(model)
+            print(f"compile at load (warm_up_serving): {entry['warm_up_s']:.1f} s"
+                  f"{'  compile error: ' + rwkv7._compiled.error if rwkv7._compiled.error else ''}")
         print(f"{'batch':>6} {'model':>9} {'graph':>9} {'compiled':>9} {'engine':>9}   tok/s; err graph / compiled")
         for b in batches:
             if over():
                 break
-            row = bench_step(model, cfg, device, dtype, b, args.steps, variants)
+            row = bench_step(model, cfg, device, dtype, b, args.steps, variants, args.profile)
             rows.append(row)
             use_compiled = row.get("compiled_tok_s", 0) > row.get("graph_tok_s", 0) and not row.get("compile_error")
             if not args.no_engine and not over():
@@ -309,9 +372,13 @@ def main(argv=None) -> int:
             if over():
                 break
             pb, pt = (int(x) for x in shape.split("x"))
-            tps = bench_prefill(model, cfg, device, dtype, pb, pt, max(2, args.steps // 8))
-            prefill.append({"batch": pb, "length": pt, "tok_s": tps})
-            print(f"prefill {pb}x{pt}: {tps:,.0f} tok/s", flush=True)
+            result = {"batch": pb, "length": pt}
+            for compiled in [False] + [True] * (True in variants):
+                key = "compiled_tok_s" if compiled else "tok_s"
+                result[key] = bench_prefill(model, cfg, device, dtype, pb, pt, max(2, args.steps // 8), compiled)
+            prefill.append(result)
+            print(f"prefill {pb}x{pt}: {result['tok_s']:,.0f} tok/s eager maths, "
+                  f"{result.get('compiled_tok_s', float('nan')):,.0f} compiled", flush=True)
             save()
         del model
         if device.type == "cuda":

@@ -297,8 +297,8 @@ class InferModelConfig(_Section):
     paragraph_len: int = Field(256, ge=1, description="prefill chunk length in tokens")
     decode_first: bool = Field(True, description="when both wait, run a decode step before admitting a new prefill")
     cuda_graphs: bool = Field(True, description="on CUDA, replay the decode step as CUDA graphs (one launch per step)")
-    torch_compile: bool = Field(False, description="on CUDA, torch.compile the decode step's per-block maths into fused "
-                                "kernels (compiling adds about a minute to the first start)")
+    torch_compile: bool = Field(True, description="on CUDA, torch.compile the prefill and decode block maths into "
+                                "fused kernels (compiled at engine start, once per process: docs/decode.md)")
     chat_template: ChatTemplate = Field(default_factory=ChatTemplate, description="role names and turn separator")
 
     _resolve = field_validator("weights_path", "tokenizer_vocab_path")(_resolve_path)
