@@ -57,12 +57,15 @@ def write_config(root: Path, args, port: int) -> None:
         create_vocab_file_from_tokens([bytes([b]) for b in range(1, min(256, cfg.vocab_size))], root / "vocab.txt")
         vocab = 'tokenizer_vocab_path = "../vocab.txt"\n'
     slots = args.max_batch_size or max(int(c) for c in args.concurrency.split(","))
+    compile_line = "" if args.torch_compile == "default" else \
+        f"torch_compile = {'true' if args.torch_compile == 'on' else 'false'}\n"
     (root / "infer" / "bench.toml").write_text(
         f'http_bind_addr = "127.0.0.1:{port}"\nmax_queued_requests = 4096\nwatch_config = false\n'
         f'sse_keep_alive_ms = 0\n\n[[models]]\nmodel_name = "bench"\nmodel_cfg = "bench"\n'
         f'weights_path = "../weights.safetensors"\n{vocab}device_type = "{args.device}"\nprecision = "{args.dtype}"\n'
         f'max_batch_size = {slots}\nmax_context_len = {args.prompt_len + args.max_tokens + 1}\n'
-        f'paragraph_len = {min(args.paragraph_len, args.prompt_len + args.max_tokens + 1)}\ndecode_first = true\n')
+        f'paragraph_len = {min(args.paragraph_len, args.prompt_len + args.max_tokens + 1)}\ndecode_first = true\n'
+        f'{compile_line}')
 
 
 async def one_request(port: int, body: bytes) -> dict:
@@ -177,6 +180,8 @@ def main(argv=None) -> int:
     ap.add_argument("--paragraph-len", type=int, default=256)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--torch-compile", choices=("default", "on", "off"), default="default",
+                    help="the served model's torch_compile (default: the config's default)")
     ap.add_argument("--port", type=int, default=18765)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
@@ -228,7 +233,7 @@ def main(argv=None) -> int:
             proc.wait(60)
     env = {"torch": torch.__version__, "cuda": torch.version.cuda, "dtype": args.dtype, "model": args.model_cfg,
            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-           "prompt_len": args.prompt_len, "max_tokens": args.max_tokens}
+           "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "torch_compile": args.torch_compile}
     if args.json:
         Path(args.json).write_text(json.dumps({"env": env, "levels": rows}, indent=2))
     return 0
