@@ -443,8 +443,8 @@ class _Compiled:
         if self._fns is None:
             import torch._dynamo
 
-            # per function, a graph for each of: block 0 or not x (one token | tokens [1, T] | rows [B, 1] | [B, T]),
-            # the sizes above 1 dynamic from their second value on; x model shape x device
+            # a graph per kind of call (one token | tokens [1, T] | rows [B, 1] | [B, T], sizes past 1 dynamic from
+            # their second value on: `RWKV7.warm_up_serving`) x (block 0 or not, `_mix_in` only) x model shape
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self._fns = tuple(torch.compile(fn, fullgraph=True, options=self.options) for fn in (_mix_in, _block_out))
         return self._fns
@@ -466,6 +466,7 @@ class _Compiled:
 
     def block_out(self, *args):
         return self._run(1, _block_out, *args)
+
 
 _compiled = _Compiled()
 
