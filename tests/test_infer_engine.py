@@ -345,6 +345,34 @@ def test_graph_wrappers_pad_batches_and_split_prefill_chunks_into_power_of_two_p
             assert ((a - b).abs().max() / b.std()).item() < 1e-5
 
 
+def test_a_decode_graph_fed_step_after_step_keeps_or_rewrites_its_slots(model, monkeypatch):
+    from rwkv_app.infer import cudagraph
+
+    monkeypatch.setattr(cudagraph._Captures, "entry", _fake_entry)
+    scratch = 6
+    table = model.new_state(scratch + 1)
+    g = torch.Generator().manual_seed(4)
+    for t in (table.att_shift, table.wkv, table.ffn_shift):
+        t.copy_(torch.randn(t.shape, generator=g))
+    eager, graphed = table.clone(), table.clone()
+    decode = cudagraph.GraphedDecode(model, graphed, max_batch=6, scratch_slot=scratch)
+    decode.capture_all()
+    # the same rows twice (slots kept), reordered, fewer in the same bucket, then written from the device
+    calls = [[4, 0, 2], [4, 0, 2], [2, 4, 0], [5, 1], [1, 5, 3, 0]]
+    with torch.no_grad():
+        for i, slots in enumerate(calls):
+            tokens = torch.randint(1, CFG.vocab_size, (len(slots),), generator=g)
+            want = model.decode_step(tokens, eager, torch.tensor(slots))
+            got = decode.feed(tokens, slots) if i < 4 else decode(tokens, torch.tensor(slots))
+            assert ((got - want).abs().max() / want.std()).item() < 1e-5
+        got = decode.feed(tokens[:3], [2, 4, 0])  # the bucket's slots as last fed, but overwritten since: uploaded
+        want = model.decode_step(tokens[:3], eager, torch.tensor([2, 4, 0]))
+        assert ((got - want).abs().max() / want.std()).item() < 1e-5
+    real = list(range(scratch))
+    for a, b in zip(vars(graphed.index(real)).values(), vars(eager.index(real)).values()):
+        assert ((a - b).abs().max() / b.std()).item() < 1e-5
+
+
 # ------------------------------------------------------------------------------------------------------- CUDA
 
 

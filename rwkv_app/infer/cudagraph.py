@@ -74,6 +74,7 @@ class GraphedDecode:
         # per bucket b: [tokens (b) | slots (b)], what its graph reads; padding = token 0 at the scratch slot
         self._inputs = {b: torch.cat([torch.zeros(b, dtype=torch.long), torch.full((b,), scratch_slot)]).to(dev)
                         for b in self.buckets}
+        self._slots_in: dict[int, tuple[int, ...]] = {}  # bucket -> the slots its buffer holds, when known (`feed`)
         self._captures = _Captures("decoding")
 
     @property
@@ -96,24 +97,45 @@ class GraphedDecode:
         buf[:B].copy_(tokens)
         buf[bucket:bucket + B].copy_(slots)
         buf[bucket + B:].fill_(self.scratch)
+        self._slots_in.pop(bucket, None)  # written from the device: unknown to the host
+        return self._replay(entry, B)
+
+    def feed(self, tokens: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
+        """tokens [B] on the device, slots a host list -> logits [B, V]. Step after step of the same sequences (the
+        steady state of decoding), only the tokens are copied: the slots the buffer holds are remembered."""
+        B = len(slots)
+        bucket = next(b for b in self.buckets if b >= B)
+        entry = self._entry(bucket)
+        dev = self.state.device
+        if entry is None:
+            return self.model.decode_step(tokens, self.state, upload(list(slots), torch.long, dev))
+        buf = self._inputs[bucket]
+        if self._slots_in.get(bucket) != tuple(slots):
+            buf[bucket:].copy_(upload(list(slots) + [self.scratch] * (bucket - B), torch.long, dev))
+            self._slots_in[bucket] = tuple(slots)
+        buf[:B].copy_(tokens)
+        return self._replay(entry, B)
+
+    def run(self, tokens: Sequence[int], slots: Sequence[int]) -> torch.Tensor:
+        """The same from host lists: non-blocking uploads, then the replay (nothing waits for the GPU)."""
+        return self.feed(upload(list(tokens), torch.long, self.state.device), slots)
+
+    @staticmethod
+    def _replay(entry: Entry, B: int) -> torch.Tensor:
         graph, logits = entry
         graph.replay()
         return logits[:B]
 
-    def run(self, tokens: Sequence[int], slots: Sequence[int]) -> torch.Tensor:
-        """The same from host lists: one non-blocking upload, then the replay (nothing waits for the GPU)."""
-        B = len(tokens)
-        staged = upload(list(tokens) + list(slots), torch.long, self.state.device)
-        return self(staged[:B], staged[B:])
-
     def _entry(self, b: int) -> Optional[Entry]:
         buf = self._inputs[b]
         tokens, slots = buf[:b], buf[b:]
+        if b not in self._captures.graphs:
+            self._slots_in.pop(b, None)  # a capture fills the slots with the scratch slot
         return self._captures.entry(b, slots, self.scratch, lambda: self.model.decode_step(tokens, self.state, slots))
 
 
 class GraphedPrefill:
-    """Prefill chunks as graphs, captured on first use per (rows bucket, length) with the length a power of two.
+    """Prefill chunks as graphs, one per (rows bucket, length) with the length a power of two (`capture_all`).
 
     A chunk of any length runs as the pieces of its binary expansion, longest first (100 tokens = 64 + 32 + 4), each
     carrying the state to the next as chunked prefill does, so at most log2(paragraph_len) + 1 lengths are ever
@@ -131,6 +153,15 @@ class GraphedPrefill:
     @property
     def disabled(self) -> Optional[str]:
         return self._captures.disabled
+
+    def capture_all(self, max_len: int) -> None:
+        """Capture now (at load time) every graph a chunk of up to `max_len` tokens can use, so that no request waits
+        for a capture."""
+        for b in self.buckets:
+            n = 1
+            while n <= max_len and b * n <= self.max_tokens:
+                self._entry(b, n)
+                n *= 2
 
     def __call__(self, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """tokens [B, T], slots [B] on the device -> logits after the last token [B, V], as `model.prefill`."""

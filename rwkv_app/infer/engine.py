@@ -331,8 +331,9 @@ class Engine:
         try:
             with torch.inference_mode(), _on_device(self.device):
                 self.model.warm_up_serving()  # compiles (when on) before the first request, as the captures below
-                if self._graphs is not None:
-                    self._graphs.capture_all()  # before the first request, so no request waits for a capture
+                if self._graphs is not None:  # before the first request, so no request waits for a capture
+                    self._graphs.capture_all()
+                    self._prefill_graphs.capture_all(self.scheduler.paragraph_len)
                 while self._iterate():
                     pass
         except Exception as e:  # a bug or a device failure: report it, end every request, refuse new ones
@@ -502,19 +503,15 @@ class Engine:
                 rows: Optional[list[int]] = None) -> torch.Tensor:
         """Queue a decode step of `seqs` -> logits [B, V] (computed asynchronously on a GPU). Sequence i reads
         `tokens[rows[i]]` (a device tensor: the previous step's samples; rows None: `tokens[i]`), or with no
-        `tokens` its last token as the host knows it. What the host adds goes up in one copy."""
-        B = len(seqs)
+        `tokens` its last token as the host knows it."""
         slots = [s.slot for s in seqs]
         if tokens is None:
-            staged = self._ids([s.last_token for s in seqs] + slots)
-            tokens = staged[:B]
-        else:
-            staged = self._ids((rows or []) + slots)
-            if rows is not None:
-                tokens = tokens.index_select(0, staged[:B])
+            tokens = self._ids([s.last_token for s in seqs])
+        elif rows is not None:
+            tokens = tokens.index_select(0, self._ids(rows))
         if self._graphs is not None:
-            return self._graphs(tokens, staged[-B:])
-        return self.model.decode_step(tokens, self.state, staged[-B:])
+            return self._graphs.feed(tokens, slots)  # the graph's input buffer keeps the slots while they last
+        return self.model.decode_step(tokens, self.state, self._ids(slots))
 
     def _launch_ahead(self, seqs: list[_Seq], tokens: torch.Tensor) -> None:
         """Queue the next decode step now, fed from this step's tokens `tokens` [B] on the device, for every

@@ -67,9 +67,9 @@ class SampledBatch:
                  scores: Optional[torch.Tensor]):
         self.tokens = tokens
         self._rows, self._ks, self._k_max = logprob_rows, ks, k_max
-        # one copy: tokens, then per logprob row its chosen logprob, then the top k values and ids (float64 holds
-        # the ids and the fp32 logprobs exactly)
-        packed = tokens.double() if scores is None else torch.cat([tokens.double(), scores])
+        # one copy: the tokens, alone (int64) or followed by each logprob row's chosen logprob, then its top k values
+        # and ids (float64 holds the ids and the fp32 logprobs exactly)
+        packed = tokens if scores is None else torch.cat([tokens.double(), scores])
         self._download = Download(packed)
         self._result: Optional[list[Sampled]] = None
 
@@ -98,18 +98,38 @@ class _Staging:
         return slice(start, len(self.values))
 
 
+@dataclass
+class _Plan:
+    """A batch's sampling parameters on the device: what stays the same from one decode step to the next while the
+    same requests sit in the same rows (all but the uniforms). Index tensors are rows of the sampled batch."""
+
+    rows: Optional[torch.Tensor]  # [B] logits row of each request (None: row i)
+    penalized: Optional[tuple[torch.Tensor, ...]]  # rows, slots, presence, frequency + repetition, decay: [P] each
+    bias: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # row, token, value: one entry per bias
+    drawn: list[int]  # rows that are not greedy
+    drawn_rows: Optional[torch.Tensor]  # [S]
+    temperature: Optional[torch.Tensor]  # [S]
+    truncation: Optional[tuple[torch.Tensor, torch.Tensor]]  # top_k (V when off), top_p: [S] each
+    wants: list[int]  # rows that want log-probabilities
+    want_rows: Optional[torch.Tensor]  # [W]
+    ks: list[int]  # top logprobs per wanting row
+    k_max: int
+
+
 class Sampler:
     """Sampling for one engine: holds the per-slot occurrence counts [slots, V] the penalties need.
 
-    Everything runs on the logits' device, queued behind the step that made them: the rows' parameters (and the
-    uniforms drawn from each request's generator) go up in one non-blocking copy, the occurrence counts are updated
-    there, and the sampled tokens come back through one non-blocking copy. The host never waits inside `sample`.
+    Everything runs on the logits' device, queued behind the step that made them: the rows' parameters go up in one
+    non-blocking copy (and stay there while the batch does not change), the uniforms drawn from each request's
+    generator in another, the occurrence counts are updated there, and the sampled tokens come back through one
+    non-blocking copy. The host never waits inside `sample`.
     """
 
     def __init__(self, num_slots: int, vocab_size: int, valid_vocab: int, device: torch.device):
         self.num_slots, self.vocab_size, self.device = num_slots, vocab_size, torch.device(device)
         self.valid_vocab = min(valid_vocab, vocab_size)  # ids the tokenizer cannot decode are never sampled
         self._counts: Optional[torch.Tensor] = None  # [slots, V] fp32, allocated when a request first needs it
+        self._last_plan: Optional[tuple] = None  # (key, plan, the params it was made of)
 
     def reset(self, slot: int) -> None:
         if self._counts is not None:
@@ -124,40 +144,31 @@ class Sampler:
             self._counts = torch.zeros(self.num_slots, self.vocab_size, dtype=torch.float32, device=self.device)
         return self._counts
 
-    @torch.no_grad()
-    def sample(self, logits: torch.Tensor, slots: Sequence[int], params: Sequence[SamplingParams],
-               generators: Sequence[torch.Generator], rows: Optional[Sequence[int]] = None) -> SampledBatch:
-        """logits [N, V] (any float dtype) -> one token per request; request i reads logits row `rows[i]` (default
-        row i) and owns state slot `slots[i]`, whose occurrence counts are updated."""
-        V = logits.shape[1]
+    def _plan(self, slots: Sequence[int], params: Sequence[SamplingParams], rows: Optional[Sequence[int]], V: int,
+              device: torch.device) -> _Plan:
+        """The batch's parameters on the device: one upload, or none when the batch is the previous step's."""
+        # Identity of the params objects: the cache holds them, so no other object can take over their ids.
+        key = (V, device, tuple(slots), tuple(map(id, params)), None if rows is None else tuple(rows))
+        if self._last_plan is not None and self._last_plan[0] == key:
+            return self._last_plan[1]
         penalized = [i for i, p in enumerate(params) if p.penalized]
         biased = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias if 0 <= t < V]
         drawn = [i for i, p in enumerate(params) if not p.greedy]
-        truncating = any(params[i].truncates for i in drawn)
         wants = [i for i, p in enumerate(params) if p.logprobs is not None]
+        truncating = any(params[i].truncates for i in drawn)
 
-        host = _Staging()  # float64 holds the ids and the uniforms exactly; fp32 values are rounded on the device
+        host = _Staging()  # float64 holds the ids exactly; fp32 values are rounded on the device, as torch.tensor does
         at_rows = host.add(rows) if rows is not None else None
-        if penalized:
-            at_pen = host.add(penalized)
-            at_pen_slots = host.add(slots[i] for i in penalized)
-            at_presence = host.add(params[i].presence_penalty for i in penalized)
-            at_per_count = host.add(params[i].frequency_penalty + params[i].repetition_penalty for i in penalized)
-            at_decay = host.add(params[i].penalty_decay for i in penalized)
-        if biased:
-            r, t, b = zip(*biased)
-            at_bias = host.add(r), host.add(t), host.add(b)
-        if drawn:
-            at_drawn = host.add(drawn)
-            at_temp = host.add(params[i].temperature for i in drawn)
-            # one uniform per drawn row from the request's own generator, drawn here in row order
-            at_u = host.add(torch.rand((), generator=generators[i], dtype=torch.float64).item() for i in drawn)
-            if truncating:
-                at_k = host.add(params[i].top_k if params[i].top_k > 0 else V for i in drawn)
-                at_top_p = host.add(params[i].top_p for i in drawn)
-        if wants:
-            at_wants = host.add(wants)
-        staged = upload(host.values, torch.float64, logits.device) if host.values else None
+        at_pen = [host.add(penalized), host.add(slots[i] for i in penalized),
+                  host.add(params[i].presence_penalty for i in penalized),
+                  host.add(params[i].frequency_penalty + params[i].repetition_penalty for i in penalized),
+                  host.add(params[i].penalty_decay for i in penalized)]
+        at_bias = [host.add(column) for column in zip(*biased)] if biased else []
+        at_drawn = [host.add(drawn), host.add(params[i].temperature for i in drawn)]
+        at_trunc = [host.add(params[i].top_k if params[i].top_k > 0 else V for i in drawn),
+                    host.add(params[i].top_p for i in drawn)] if truncating else []
+        at_wants = host.add(wants)
+        staged = upload(host.values, torch.float64, device) if host.values else None
 
         def ints(at: slice) -> torch.Tensor:
             return staged[at].long()
@@ -165,39 +176,56 @@ class Sampler:
         def floats(at: slice) -> torch.Tensor:
             return staged[at].float()
 
-        if at_rows is not None:
-            logits = logits.index_select(0, ints(at_rows))
+        ks = [params[i].logprobs or 0 for i in wants]
+        plan = _Plan(rows=ints(at_rows) if rows is not None else None,
+                     penalized=(ints(at_pen[0]), ints(at_pen[1]), *map(floats, at_pen[2:])) if penalized else None,
+                     bias=(ints(at_bias[0]), ints(at_bias[1]), floats(at_bias[2])) if biased else None,
+                     drawn=drawn, drawn_rows=ints(at_drawn[0]) if drawn else None,
+                     temperature=floats(at_drawn[1]) if drawn else None,
+                     truncation=(ints(at_trunc[0]), floats(at_trunc[1])) if truncating else None,
+                     wants=wants, want_rows=ints(at_wants) if wants else None, ks=ks, k_max=max(ks, default=0))
+        self._last_plan = (key, plan, list(params))
+        return plan
+
+    @torch.no_grad()
+    def sample(self, logits: torch.Tensor, slots: Sequence[int], params: Sequence[SamplingParams],
+               generators: Sequence[torch.Generator], rows: Optional[Sequence[int]] = None) -> SampledBatch:
+        """logits [N, V] (any float dtype) -> one token per request; request i reads logits row `rows[i]` (default
+        row i) and owns state slot `slots[i]`, whose occurrence counts are updated."""
+        V = logits.shape[1]
+        plan = self._plan(slots, params, rows, V, logits.device)
+        if plan.rows is not None:
+            logits = logits.index_select(0, plan.rows)
         raw = logits.float()
         x = raw.clone()
         if self.valid_vocab < V:
             x[:, self.valid_vocab:] = float("-inf")
-        if penalized:
-            pen_rows, pen_slots = ints(at_pen), ints(at_pen_slots)
+        if plan.penalized is not None:
+            pen_rows, pen_slots, presence, per_count, _ = plan.penalized
             counts = self._count_table()[pen_slots]  # [P, V]
-            x[pen_rows] -= floats(at_presence)[:, None] * (counts > 0) + floats(at_per_count)[:, None] * counts
-        if biased:
-            x.index_put_((ints(at_bias[0]), ints(at_bias[1])), floats(at_bias[2]), accumulate=True)
+            x[pen_rows] -= presence[:, None] * (counts > 0) + per_count[:, None] * counts
+        if plan.bias is not None:
+            x.index_put_(plan.bias[:2], plan.bias[2], accumulate=True)
 
         tokens = x.argmax(dim=-1)  # [B]; greedy rows keep this
-        if drawn:
-            drawn_rows = ints(at_drawn)
-            truncation = (ints(at_k), floats(at_top_p)) if truncating else None
-            tokens[drawn_rows] = self._draw(x[drawn_rows], floats(at_temp), staged[at_u], truncation)
-        if penalized:
-            self._count(pen_slots, tokens[pen_rows], floats(at_decay))
+        if plan.drawn:
+            # one uniform per drawn row from the request's own generator, drawn here in row order
+            u = upload([torch.rand((), generator=generators[i], dtype=torch.float64).item() for i in plan.drawn],
+                       torch.float64, logits.device)
+            tokens[plan.drawn_rows] = self._draw(x[plan.drawn_rows], plan.temperature, u, plan.truncation)
+        if plan.penalized is not None:
+            pen_rows, pen_slots, *_, decay = plan.penalized
+            self._count(pen_slots, tokens[pen_rows], decay)
 
-        scores, ks, k_max = None, [], 0
-        if wants:
-            want_rows = ints(at_wants)
-            lp = torch.log_softmax(raw[want_rows, :self.valid_vocab], dim=-1)  # [W, V']
-            parts = [lp.gather(1, tokens[want_rows][:, None]).squeeze(1)]  # [W]
-            ks = [params[i].logprobs or 0 for i in wants]
-            k_max = max(ks)
-            if k_max:
-                top_v, top_i = lp.topk(k_max, dim=-1)  # [W, k]
+        scores = None
+        if plan.wants:
+            lp = torch.log_softmax(raw[plan.want_rows, :self.valid_vocab], dim=-1)  # [W, V']
+            parts = [lp.gather(1, tokens[plan.want_rows][:, None]).squeeze(1)]  # [W]
+            if plan.k_max:
+                top_v, top_i = lp.topk(plan.k_max, dim=-1)  # [W, k]
                 parts += [top_v.flatten(), top_i.flatten()]
             scores = torch.cat([p.double() for p in parts])
-        return SampledBatch(tokens, wants, ks, k_max, scores)
+        return SampledBatch(tokens, plan.wants, plan.ks, plan.k_max, scores)
 
     @staticmethod
     def _draw(x: torch.Tensor, temp: torch.Tensor, u: torch.Tensor,
