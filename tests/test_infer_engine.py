@@ -434,3 +434,35 @@ def test_cuda_pipelined_engine_follows_the_model_with_slots_reused_mid_flight(mo
         assert _follows_the_model(model, r.prompt, tokens, r.params, tok.vocab_size)
     assert ended_on_eod >= 1
     assert [p.token for p in got[8][0][0]] == [p.token for p in alone]
+
+
+@cuda
+def test_cuda_prefill_graphs_replay_the_eager_calls_exactly(model):
+    import copy
+
+    from rwkv_app.infer.cudagraph import GraphedPrefill
+
+    gpu = copy.deepcopy(model).to("cuda")
+    scratch = 4
+    g = torch.Generator().manual_seed(8)
+    table = gpu.new_state(scratch + 1)
+    for t in (table.att_shift, table.wkv, table.ffn_shift):
+        t.copy_(torch.randn(t.shape, generator=g).to(t.device))
+    graphed, eager = table.clone(), table.clone()
+    prefill = GraphedPrefill(gpu, graphed, max_rows=4, scratch_slot=scratch)
+    prefill.capture_all(256)
+    # 256 tokens of one sequence take the time-parallel WKV path; 100 = 64 + 32 + 4 tokens of four sequences (full
+    # buckets: the eager calls have the graphs' shapes)
+    for rows, length in [([2], 256), ([3, 0, 1, 2], 100)]:
+        slots = torch.tensor(rows, device="cuda")
+        tokens = torch.randint(1, CFG.vocab_size, (len(rows), length), generator=g).to("cuda")
+        with torch.inference_mode():
+            got = prefill(tokens, slots).clone()
+            start, want = 0, None
+            for n in [p for p in (256, 128, 64, 32, 16, 8, 4, 2, 1) if length & p]:
+                want = gpu.prefill(tokens[:, start:start + n], eager, slots)
+                start += n
+        assert torch.equal(got, want)  # the eager kernels, replayed: bit for bit
+    real = list(range(scratch))
+    assert all(torch.equal(a, b) for a, b in zip(vars(graphed.index(real)).values(), vars(eager.index(real)).values()))
+    assert prefill.disabled is None
