@@ -41,7 +41,8 @@ TRAIN_SHAPES = [(8, 4096, 64), (16, 4096, 32), (32, 4096, 12), (1, 32768, 64), (
 DECODE_BATCHES = [1, 4, 16, 64, 128, 256, 512, 1024]
 # the sequence-parallel threshold: few heads, T from short to long (fwd+bwd per chunk count)
 CHUNK_SWEEP_SHAPES = [(1, 256, 64), (1, 512, 64), (1, 1024, 64), (1, 2048, 64), (1, 4096, 64), (1, 8192, 64),
-                      (2, 4096, 64), (3, 4096, 64), (1, 4096, 12), (2, 512, 12), (8, 512, 12), (8, 4096, 16)]
+                      (1, 16384, 64), (1, 32768, 64), (2, 4096, 64), (3, 4096, 64), (1, 4096, 12), (2, 512, 12),
+                      (8, 512, 12), (8, 4096, 16)]
 CHUNK_COUNTS = [1, 2, 4, 8, 16, 32, 64]
 # serving prefill of one prompt (paragraph_len tokens) for the 0.1B (H=12) and 7.2B (H=64) shapes
 PREFILL_SWEEP_SHAPES = [(1, 256, 12), (1, 256, 64), (1, 1024, 12), (1, 1024, 64), (1, 4096, 12), (1, 4096, 64),
@@ -425,14 +426,14 @@ def main() -> None:
         out["train"].append(row)
         save()
         print(f"# ({B},{T},{H}) done in {time.perf_counter() - t0:.1f}s: {json.dumps(row)}", flush=True)
+    if not args.no_decode and in_budget("decode sweep"):
+        out["decode"] = decode_sweep(bw)
+        save()
     if args.chunk_sweep and in_budget("chunk sweep"):
         out["chunk_sweep"] = chunk_sweep(CHUNK_SWEEP_SHAPES)
         save()
     if args.prefill_sweep and in_budget("prefill sweep"):
         out["prefill_sweep"] = prefill_sweep(PREFILL_SWEEP_SHAPES)
-        save()
-    if not args.no_decode and in_budget("decode sweep"):
-        out["decode"] = decode_sweep(bw)
         save()
 
     if out["train"]:

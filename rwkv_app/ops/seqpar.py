@@ -47,13 +47,14 @@ from rwkv_app.ops.reference import decay_from_raw
 # where it rounds to -9984), so the decay is exactly 1.
 PAD_W = -1e4
 
-# Sequences (B*H*chunks) that fill an H100 (132 SMs) with the sequential kernels: at 512 heads the forward and
-# backward run at their full throughput (benchmarks/RESULTS.md, "WKV-7 kernels").
+# The rule below was measured on an H100 (132 SMs), bf16, N = 64 (benchmarks/RESULTS.md, "WKV-7 kernels"):
+# sequences (B*H*chunks) that fill the GPU: at 512 the sequential kernels run at their full throughput
 TARGET_HEADS = 512
-# Below 4 chunks the extra passes cost more than the parallelism gains (2 chunks: about break-even).
+# fewer chunks than this rarely pay for the extra passes (2 chunks win at most 15%, and lose from 192 heads on)
 MIN_CHUNKS = 4
-# The shortest chunk worth it: under this the passes' fixed costs (launches, the scans) outweigh the saving.
-MIN_CHUNK_LEN = 64
+# the shortest chunk worth it: below 512 steps the passes' fixed costs (about 40 launches, the scans) outweigh
+# the parallelism (at (1, 1024, 64) the sequential kernels beat every chunk count)
+MIN_CHUNK_LEN = 512
 
 Tensor = torch.Tensor
 
