@@ -116,6 +116,9 @@ def test_auto_chunks_rule():
     assert seqpar.auto_chunks(192, 1 << 16) == 1     # only 2 chunks would reach the target: not worth it
     assert seqpar.auto_chunks(12, 1024) == 1         # too short for 4 chunks of 512 steps
     assert seqpar.auto_chunks(4, 1) == 1             # T = 1
+    assert seqpar.auto_chunks(64, 4096, prefill=True) == 8   # prefill: only from 8 chunks on
+    assert seqpar.auto_chunks(64, 2048, prefill=True) == 1
+    assert seqpar.auto_chunks(12, 256, prefill=True) == 1    # serving prefill of one paragraph: sequential
 
 
 def test_time_chunks_environment_override(monkeypatch):

@@ -83,15 +83,16 @@ class _WKV7Function(torch.autograd.Function):
         return dr, dw, dk, dv, da, db, dstate_in
 
 
-def choose_time_chunks(B: int, T: int, H: int) -> int:
+def choose_time_chunks(B: int, T: int, H: int, prefill: bool = False) -> int:
     """How many time chunks a [B, T, H, N] call runs in parallel: 1 = the sequential kernels.
 
-    `RWKV_WKV_TIME_CHUNKS` if set to a number, else `seqpar.auto_chunks(B*H, T)`: enough chunks to run about 512
-    sequences of at least 64 steps, when that makes at least 4 (measured on an H100, benchmarks/RESULTS.md).
+    `RWKV_WKV_TIME_CHUNKS` if set to a number, else `seqpar.auto_chunks(B*H, T, prefill)`: enough chunks to run
+    about 512 sequences of at least 512 steps, when that makes at least 4 (training) or 8 (prefill); measured on an
+    H100, benchmarks/RESULTS.md. Serving prefill in chunks of `paragraph_len` (256) tokens never qualifies.
     """
     raw = os.environ.get(TIME_CHUNKS_ENV, "auto").strip().lower() or "auto"
     if raw == "auto":
-        return seqpar.auto_chunks(B * H, T)
+        return seqpar.auto_chunks(B * H, T, prefill)
     if not raw.isdigit() or int(raw) < 1:
         raise UserError(f"environment {TIME_CHUNKS_ENV}={raw!r}: expected auto or a whole number >= 1")
     return int(raw)
@@ -152,7 +153,7 @@ def wkv7_prefill(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Ten
         raise ValueError(f"wkv7 (cuda): prefill state must be float32 {(B, H, N, N)}, got {state.dtype} "
                          f"{tuple(state.shape)}")
     xs = _prepare((r, w, k, v, a, b))
-    chunks = time_chunks or choose_time_chunks(B, T, H)
+    chunks = time_chunks or choose_time_chunks(B, T, H, prefill=True)
     if min(chunks, T) > 1:
         y, final = seqpar.prefill(KERNELS, *xs, state.contiguous(), chunks)
         state.copy_(final)

@@ -50,8 +50,10 @@ PAD_W = -1e4
 # The rule below was measured on an H100 (132 SMs), bf16, N = 64 (benchmarks/RESULTS.md, "WKV-7 kernels"):
 # sequences (B*H*chunks) that fill the GPU: at 512 the sequential kernels run at their full throughput
 TARGET_HEADS = 512
-# fewer chunks than this rarely pay for the extra passes (2 chunks win at most 15%, and lose from 192 heads on)
+# fewer chunks than this do not pay for the extra passes. Training runs 5 passes where the sequential path runs 3
+# (2 chunks win at most 15%, and lose from 192 heads on); prefill runs 3 where it runs 1, so it needs more.
 MIN_CHUNKS = 4
+MIN_CHUNKS_PREFILL = 8
 # the shortest chunk worth it: below 512 steps the passes' fixed costs (about 40 launches, the scans) outweigh
 # the parallelism (at (1, 1024, 64) the sequential kernels beat every chunk count)
 MIN_CHUNK_LEN = 512
@@ -94,14 +96,14 @@ def autograd_kernels(fn: Callable[..., tuple[Tensor, Tensor]]) -> Kernels:
     return Kernels(prefill, forward, backward)
 
 
-def auto_chunks(heads: int, T: int) -> int:
+def auto_chunks(heads: int, T: int, prefill: bool = False) -> int:
     """How many time chunks `heads` (= B*H) sequences of T steps should be cut into; 1 = run them sequentially.
 
     Enough chunks to reach TARGET_HEADS sequences, at most T / MIN_CHUNK_LEN, rounded down to a power of two (so a
-    power-of-two T needs no padding); 1 when that leaves fewer than MIN_CHUNKS.
+    power-of-two T needs no padding); 1 when that leaves fewer than MIN_CHUNKS (MIN_CHUNKS_PREFILL for `prefill`).
     """
     most = min(TARGET_HEADS // max(heads, 1), T // MIN_CHUNK_LEN)
-    if most < MIN_CHUNKS:
+    if most < (MIN_CHUNKS_PREFILL if prefill else MIN_CHUNKS):
         return 1
     return 1 << (most.bit_length() - 1)
 
