@@ -292,7 +292,8 @@ def prefill_sweep(shapes: list[tuple[int, int, int]]) -> list[dict]:
         state = torch.zeros(B, H, N, N, device="cuda")
         ms = {nc: bench(lambda nc=nc: wkv_cuda.wkv7_prefill(*xs, state, time_chunks=nc), budget_s=0.1)
               for nc in CHUNK_COUNTS if nc == 1 or nc <= T // 16}
-        rows.append({"B": B, "T": T, "H": H, "auto": wkv_cuda.choose_time_chunks(B, T, H, prefill=True), "prefill_ms": ms})
+        auto = wkv_cuda.choose_time_chunks(B, T, H, prefill=True)
+        rows.append({"B": B, "T": T, "H": H, "auto": auto, "prefill_ms": ms})
         print(f"# prefill ({B},{T},{H}): " + " ".join(f"{c}:{t:.4f}" for c, t in ms.items()), flush=True)
     return rows
 
