@@ -24,9 +24,10 @@ backward (dy and dS_T given)
  6. the training backward over every chunk from its dS_end: the exact gradients of r, w, k, v, a, b and, from chunk
     0, of the initial state.
 
-The work is about 2.6x the sequential kernels' (steps 1 and 4 are extra passes), bought back many times over when
-the sequential kernels would run only a few blocks. The kernels are passed in (`Kernels`), so the same code runs the
-CUDA kernels on a GPU and any differentiable PyTorch implementation (`autograd_kernels`) in CPU tests.
+Steps 1 and 4 are extra kernel passes: 6 in all where the sequential path runs 3, about 1.9x its kernel time at
+full occupancy, bought back when the sequential kernels would run only a few blocks. The kernels are passed in
+(`Kernels`), so the same code runs the CUDA kernels on a GPU and any differentiable PyTorch implementation
+(`autograd_kernels`) in CPU tests.
 
 T is padded at the FRONT to nc*L with identity steps (raw w = PAD_W gives sigmoid 0, decay exactly 1; r, k, v, a,
 b = 0), which leave the state alone and give y = 0; the padding is sliced off y and the gradients. Shapes are
@@ -50,8 +51,8 @@ PAD_W = -1e4
 # The rule below was measured on an H100 (132 SMs), bf16, N = 64 (benchmarks/RESULTS.md, "WKV-7 kernels"):
 # sequences (B*H*chunks) that fill the GPU: at 512 the sequential kernels run at their full throughput
 TARGET_HEADS = 512
-# fewer chunks than this do not pay for the extra passes. Training runs 5 passes where the sequential path runs 3
-# (2 chunks win at most 15%, and lose from 192 heads on); prefill runs 3 where it runs 1, so it needs more.
+# fewer chunks than this do not pay for the extra passes. Training runs 6 kernel passes where the sequential path
+# runs 3 (2 chunks win at most 15%, and lose from 192 heads on); prefill runs 3 where it runs 1, so it needs more.
 MIN_CHUNKS = 4
 MIN_CHUNKS_PREFILL = 8
 # the shortest chunk worth it: below 512 steps the passes' fixed costs (about 40 launches, the scans) outweigh
