@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ log = logging.getLogger("rwkv_app.infer")
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 RETRY_AFTER_S = "1"
+GIL_SWITCH_INTERVAL_S = 0.0005  # see InferServer.run: engine threads must not wait long for the GIL
 
 
 class _ClientGone(Exception):
@@ -106,10 +108,15 @@ class InferServer:
             # Leave a core to the HTTP thread: torch's worker threads spin-wait, and a decode step of many small
             # ops on every core starves the event loop (measured 10-20x slower streams on 2 cores).
             torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+        # An engine's worker thread wakes when its GPU step ends and must take the GIL back at once to queue the next
+        # step; at CPython's default 5 ms switch interval a busy event loop can keep it waiting for most of a step.
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch_interval, GIL_SWITCH_INTERVAL_S))
         try:
             self.uvicorn.run()
         finally:
             torch.set_num_threads(threads)
+            sys.setswitchinterval(switch_interval)
         if self.startup_error is not None:
             raise self.startup_error
 
