@@ -451,8 +451,8 @@ def test_cuda_prefill_graphs_replay_the_eager_calls_exactly(model):
     graphed, eager = table.clone(), table.clone()
     prefill = GraphedPrefill(gpu, graphed, max_rows=4, scratch_slot=scratch)
     prefill.capture_all(256)
-    # 256 tokens of one sequence take the time-parallel WKV path; 100 = 64 + 32 + 4 tokens of four sequences (full
-    # buckets: the eager calls have the graphs' shapes)
+    # 256 tokens of one sequence in one graph piece; 100 = 64 + 32 + 4 tokens of four sequences (full buckets: the
+    # eager calls have the graphs' shapes)
     for rows, length in [([2], 256), ([3, 0, 1, 2], 100)]:
         slots = torch.tensor(rows, device="cuda")
         tokens = torch.randint(1, CFG.vocab_size, (len(rows), length), generator=g).to("cuda")
