@@ -121,14 +121,16 @@ LayerNormWeights = tuple[torch.Tensor, torch.Tensor, float]  # weight, bias, eps
 
 
 def _block_before_wkv(x: torch.Tensor, att_prev: torch.Tensor, v_first: Optional[torch.Tensor],
-                      ln0: Optional[LayerNormWeights], ln1: LayerNormWeights, p: TimeMixWeights):
-    """Block input x [B, T, C] -> (x after ln0, ln1 output of the last token [B, C], WKV inputs, rest, v_first)."""
+                      ln1: LayerNormWeights, p: TimeMixWeights):
+    """Block input x [B, T, C] (after ln0 in block 0) -> (ln1 output of the last token [B, C], WKV inputs, rest,
+    v_first if this block made it, else None).
+
+    No output is one of the inputs: compiled, AOT autograd would rebuild such an output as a view of the input from
+    recorded view metadata, and under DeepSpeed that came back with garbage sizes (H100, torch 2.11)."""
     C = x.shape[-1]
-    if ln0 is not None:
-        x = F.layer_norm(x, (C,), ln0[0], ln0[1], ln0[2])
     h = F.layer_norm(x, (C,), ln1[0], ln1[1], ln1[2])
-    wkv_in, rest, v_first = _time_mix_project(p, h, _token_shift(h, att_prev), v_first)
-    return x, h[:, -1], wkv_in, rest, v_first
+    wkv_in, rest, made = _time_mix_project(p, h, _token_shift(h, att_prev), v_first)
+    return h[:, -1], wkv_in, rest, made if v_first is None else None
 
 
 def _block_after_wkv(x: torch.Tensor, y: torch.Tensor, rest: tuple, ffn_prev: torch.Tensor, p: TimeMixWeights,
@@ -276,8 +278,10 @@ class Block(nn.Module):
         `maths`: the two halves around the WKV op, eager (`EAGER_MATHS`) or compiled (`COMPILED_MATHS`)."""
         before, after = maths
         p = self.att.weights()
-        ln0 = _layer_norm_weights(self.ln0) if self.layer_id == 0 else None
-        x, att_shift, wkv_in, rest, v_first = before(x, att_shift, v_first, ln0, _layer_norm_weights(self.ln1), p)
+        if self.layer_id == 0:
+            x = self.ln0(x)
+        att_shift, wkv_in, rest, made = before(x, att_shift, v_first, _layer_norm_weights(self.ln1), p)
+        v_first = made if v_first is None else v_first
         if torch.is_grad_enabled():
             y, wkv_state = wkv7(*wkv_in, wkv_state)
         else:  # inference: the prefill kernel updates a private copy in place
