@@ -208,10 +208,6 @@ class DeepSpeedEngine(Engine):
         self.placement = placement
         self.stage = int(cfg.strategy.rsplit("_", 1)[1])
         model = model.to(placement.device)
-        # The compiled block maths crashed inside DeepSpeed's forward on the H100 (torch 2.11: AOT autograd rebuilt an
-        # output that aliased an input with garbage sizes; such outputs are gone now, but that is not yet re-tested
-        # on a GPU). Until it is, DeepSpeed runs the eager maths: measured at 84.7k tok/s on the 0.1B (plain: 194k).
-        model.compile_training = False
         optimizer = make_optimizer(param_groups(model, cfg.weight_decay), cfg, placement.device)
         _skip_cpu_shm_op(placement)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
