@@ -248,14 +248,22 @@ def count_ops(cfg: ModelConfig, batch: int = 1) -> dict[str, int]:
     return dict(counts.most_common())
 
 
-def bench_prefill(model, cfg, device, dtype, batch: int, length: int, steps: int, compiled: bool) -> float:
+def bench_prefill(model, cfg, device, dtype, batch: int, length: int, steps: int, compiled: bool,
+                  profile: bool = False) -> float:
     state = RWKV7State.zeros(cfg, batch, device, dtype)
     tokens = torch.randint(1, cfg.vocab_size, (batch, length), device=device)
     slots = torch.arange(batch, device=device)
     model.compile_serving = compiled
     try:
         with torch.inference_mode():
-            return batch * length / _time(lambda: model.prefill(tokens, state, slots), device, steps)
+            tok_s = batch * length / _time(lambda: model.prefill(tokens, state, slots), device, steps)
+            if profile:
+                table = kernel_table(lambda: model.prefill(tokens, state, slots), device)
+                print(f"  prefill {batch}x{length} {'compiled' if compiled else 'eager'}: {table['kernels']} kernels, "
+                      f"{table['kernel_us']:,.0f} us of kernel time (call {1e6 * batch * length / tok_s:,.0f} us)")
+                for name, n, us in table["top"][:14]:
+                    print(f"    {us:9.1f} us {n:5d}x  {name[:110]}")
+            return tok_s
     finally:
         model.compile_serving = False
 
@@ -307,10 +315,13 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=0, help="skip what is left after this many seconds (0: none)")
     ap.add_argument("--json", help="write the results here (rewritten after every row)")
     ap.add_argument("--count-ops", action="store_true", help="only count the ops of one eager decode step")
-    ap.add_argument("--profile", action="store_true", help="list the kernels of one graph replay per batch")
+    ap.add_argument("--profile", action="store_true", help="list the kernels of one graph replay per batch and of each prefill")
     ap.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
                     help="an inductor option for the compiled serving maths (repeatable), e.g. max_autotune=true")
+    ap.add_argument("--blas", choices=("cublas", "cublaslt"), help="torch.backends.cuda.preferred_blas_library")
     args = ap.parse_args(argv)
+    if args.blas:
+        torch.backends.cuda.preferred_blas_library(args.blas)
     if args.count_ops:
         for name in args.model_cfg:
             cfg = load_model_config(args.config_dir, name)
@@ -334,6 +345,7 @@ def main(argv=None) -> int:
 
     rwkv7._compiled = rwkv7._Compiled(inductor_options(args.inductor))
     results["inductor"] = args.inductor
+    results["blas"] = args.blas or "default"
     for name in args.model_cfg:
         if over():
             break
@@ -375,7 +387,8 @@ def main(argv=None) -> int:
             result = {"batch": pb, "length": pt}
             for compiled in [False] + [True] * (True in variants):
                 key = "compiled_tok_s" if compiled else "tok_s"
-                result[key] = bench_prefill(model, cfg, device, dtype, pb, pt, max(2, args.steps // 8), compiled)
+                result[key] = bench_prefill(model, cfg, device, dtype, pb, pt, max(2, args.steps // 8), compiled,
+                                            args.profile)
             prefill.append(result)
             print(f"prefill {pb}x{pt}: {result['tok_s']:,.0f} tok/s eager maths, "
                   f"{result.get('compiled_tok_s', float('nan')):,.0f} compiled", flush=True)

@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -140,6 +141,9 @@ def pct(values: list, p: float) -> float:
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
+REQUEST_TIMEOUT_S = 60
+
+
 async def load(port: int, concurrency: int, duration: float, prompt_len: int, max_tokens: int, vocab: int) -> dict:
     rng = random.Random(concurrency)
     deadline = time.perf_counter() + duration
@@ -151,9 +155,9 @@ async def load(port: int, concurrency: int, duration: float, prompt_len: int, ma
             body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                                "logit_bias": {"0": -100}, "stream": True,
                                "stream_options": {"include_usage": True}}).encode()
-            try:
-                results.append(await one_request(port, body))
-            except (OSError, asyncio.IncompleteReadError, ValueError) as e:
+            try:  # a stalled server shows up as errors, not as a benchmark that never ends
+                results.append(await asyncio.wait_for(one_request(port, body), REQUEST_TIMEOUT_S))
+            except (OSError, asyncio.IncompleteReadError, ValueError, asyncio.TimeoutError) as e:
                 results.append({"error": f"{type(e).__name__}: {e}"})
 
     t0 = time.perf_counter()
@@ -184,14 +188,18 @@ def main(argv=None) -> int:
                     help="the served model's torch_compile (default: the config's default)")
     ap.add_argument("--port", type=int, default=18765)
     ap.add_argument("--json")
+    ap.add_argument("--server-log", help="write the server's log here (default: a temporary file)")
     args = ap.parse_args(argv)
+    # `timeout` and friends send SIGTERM: end through the `finally` below, which stops the server too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cfg = load_model_config(args.config_dir, args.model_cfg)
     vocab = 65530 if cfg.vocab_size >= 65536 else min(256, cfg.vocab_size)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_config(root, args, args.port)
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        log = open(root / "server.log", "wb")
+        log_path = Path(args.server_log) if args.server_log else root / "server.log"
+        log = open(log_path, "wb")
         proc = subprocess.Popen([sys.executable, "-m", "rwkv_app.cli.infer", "--config-dir", str(root),
                                  "--infer-cfg", "bench"], env=env, stdout=log, stderr=subprocess.STDOUT)
         rows = []
@@ -206,7 +214,7 @@ def main(argv=None) -> int:
                 except httpx.HTTPError:
                     pass
                 if proc.poll() is not None or time.time() > deadline:
-                    raise SystemExit("server did not start:\n" + (root / "server.log").read_text()[-3000:])
+                    raise SystemExit("server did not start:\n" + log_path.read_text()[-3000:])
                 time.sleep(0.5)
             print(f"{'conc':>5} {'req/s':>7} {'out tok/s':>10} {'TTFT p50/p95/p99 ms':>22} "
                   f"{'ITL p50/p95/p99 ms':>22} {'errors':>7} {'decode/s':>9} {'prefill/s':>9} {'tok/step':>8} "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import faulthandler
+import signal
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -21,6 +23,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     from rwkv_app.infer.server import InferServer
 
     setup_logging()
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID` prints every thread's stack to stderr: why is it stuck?
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     InferServer(cfg, config_path(args.config_dir, "infer", args.infer_cfg), Path(args.config_dir)).run()
     return 0
 

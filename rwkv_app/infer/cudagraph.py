@@ -6,7 +6,8 @@ time than the GPU needs to run them. Graphs are captured per shape: batch sizes 
 real sequence. Each graph reads its tokens and slots from fixed device buffers, filled by device copies: the engine
 feeds a decode step straight from the previous step's sampled tokens, which never visit the host on the way. The
 logits come back in a fixed buffer too, valid until the next replay of that graph (work queued before that replay
-still reads this step's values). Graphs of one kind share a memory pool: they run one at a time on one stream.
+still reads this step's values). Graphs of one kind share a memory pool and a capture stream: they run one at a
+time on one stream. Decode and prefill graphs have separate ones, so they could run side by side on two streams.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ class _Captures:
         self.what = what
         self.graphs: dict = {}
         self._pool = None
+        # Its own capture stream: cuBLAS keys its workspace by stream, and graphs captured on torch's shared default
+        # capture stream would all bake in the same workspace, so two graphs of different kinds replayed at once on
+        # two streams would corrupt each other's split-K GEMMs (seen on the H100: the replays hung).
+        self._stream: Optional[torch.cuda.Stream] = None
         self.disabled: Optional[str] = None  # why graphs are off
 
     def entry(self, key, slots: torch.Tensor, scratch: int, run: Callable[[], torch.Tensor]) -> Optional[Entry]:
@@ -54,7 +59,8 @@ class _Captures:
                     run()
             torch.cuda.current_stream(dev).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            self._stream = self._stream or torch.cuda.Stream(dev)
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
                 out = run()
         except Exception as e:  # an op that cannot be captured: serve eagerly rather than not at all
             self.disabled = f"{type(e).__name__}: {e}"
