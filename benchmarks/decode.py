@@ -318,9 +318,10 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="list the kernels of one graph replay per batch and of each prefill")
     ap.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
                     help="an inductor option for the compiled serving maths (repeatable), e.g. max_autotune=true")
-    ap.add_argument("--blas", choices=("cublas", "cublaslt"), help="torch.backends.cuda.preferred_blas_library")
+    ap.add_argument("--blas", choices=("cublas", "cublaslt"), default="cublaslt",
+                    help="torch.backends.cuda.preferred_blas_library (default: rwkv-infer's choice)")
     args = ap.parse_args(argv)
-    if args.blas:
+    if torch.cuda.is_available():
         torch.backends.cuda.preferred_blas_library(args.blas)
     if args.count_ops:
         for name in args.model_cfg:
@@ -345,7 +346,7 @@ def main(argv=None) -> int:
 
     rwkv7._compiled = rwkv7._Compiled(inductor_options(args.inductor))
     results["inductor"] = args.inductor
-    results["blas"] = args.blas or "default"
+    results["blas"] = args.blas
     for name in args.model_cfg:
         if over():
             break
