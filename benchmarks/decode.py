@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rwkv_app.config import ModelConfig, load_model_config  # noqa: E402
 from rwkv_app.infer.engine import Engine, GenerationRequest  # noqa: E402
+from rwkv_app.infer.registry import freeze_long_lived  # noqa: E402
 from rwkv_app.infer.sampling import SamplingParams  # noqa: E402
 from rwkv_app.model import rwkv7  # noqa: E402
 from rwkv_app.model.rwkv7 import RWKV7  # noqa: E402
@@ -162,6 +163,7 @@ def bench_step(model, cfg, device, dtype, batch: int, steps: int, variants: list
 
 def bench_engine(model, cfg, device, batch: int, steps: int, graphs: bool, compiled: bool) -> float:
     """Steady-state decode tokens/s of the whole engine with `batch` concurrent greedy requests."""
+    freeze_long_lived()  # as rwkv-infer does once its models are loaded
     engine = Engine(model, cfg, _VocabTokenizer(cfg.vocab_size), max_batch_size=batch, max_context_len=1 << 20,
                     paragraph_len=64, decode_first=False, max_queued=batch, cuda_graphs=graphs,
                     torch_compile=compiled).start()

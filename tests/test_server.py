@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import httpx
@@ -494,8 +496,14 @@ def test_admin_reload(reload_srv):
     written = srv.toml.read_text()
     assert "tiny3" in written and f'api_key = "{KEY}"' in written and f'admin_api_key = "{ADMIN_KEY}"' in written
     assert 'weights_path = "../assets/w1.safetensors"' in written  # relative, as given
+    served = srv.server.registry.snapshot["tiny3"]
+    served.self_cycle = served  # only the cyclic collector can free it, as with real models' internal cycles
+    retired = weakref.ref(served)
+    del served
     gone = httpx.post(url, json={"remove_model_names": ["tiny3"]}, headers=admin, timeout=60)
     assert gone.json()["removed"] == ["tiny3"] and "tiny3" not in srv.toml.read_text()
+    assert gc.get_freeze_count() > 0  # the serving objects sit outside the garbage collector's walks
+    _wait(lambda: retired() is None, 30, "the removed model to be freed once drained (not kept frozen)")
     time.sleep(1.0)  # our own writes must not trigger a second reload through the watcher
     assert srv.server.registry.reloads == {"ok": 2, "failed": 1}  # the missing weights file
 
