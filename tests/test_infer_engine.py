@@ -421,6 +421,8 @@ def test_cuda_pipelined_engine_follows_the_model_with_slots_reused_mid_flight(mo
         got = [_read_all(h) for h in handles]
         assert engine.active_slots == 0 and engine._graphs.disabled is None
         assert engine._prefill_graphs.disabled is None and engine._prefill_graphs._captures.graphs
+        # decode and prefill graphs must not bake in one cuBLAS workspace (cudagraph.py): distinct capture streams
+        assert engine._graphs._captures._stream != engine._prefill_graphs._captures._stream
     finally:
         engine.close()
     ended_on_eod = 0
