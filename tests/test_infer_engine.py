@@ -216,6 +216,28 @@ def test_the_next_step_is_queued_before_the_host_reads_the_tokens(model, tok):
     assert log == ["sample", "result", "launch"] + ["sample", "launch", "result"] * 6 + ["sample", "result"]
 
 
+def test_a_request_waiting_for_a_slot_does_not_stall_the_pipeline(model, tok):
+    """With every slot taken, a queued request cannot be admitted before a slot frees: the steps keep being
+    launched ahead of the host's reads meanwhile; once a slot is free it is admitted and served."""
+    engine = Engine(model, CFG, tok, max_batch_size=2, max_context_len=512, paragraph_len=16, decode_first=True,
+                    max_queued=8)
+    params = SamplingParams(temperature=0.0, logit_bias=((0, -100.0),))
+    handles = [engine.submit(GenerationRequest(tok.encode(f"busy {i}"), params, 12)) for i in range(2)]
+    handles.append(engine.submit(GenerationRequest(tok.encode("waiting"), params, 4)))
+    launches = []  # per decode launch: fed from the previous step's device tokens (ahead) or not (drained)
+    launch = engine._launch
+    engine._launch = lambda seqs, tokens=None, rows=None: (launches.append(tokens is not None),
+                                                           launch(seqs, tokens, rows))[1]
+    engine.start()
+    try:
+        got = [_read_all(h) for h in handles]
+    finally:
+        engine.close()
+    assert [reasons[0] for _, reasons in got] == [("length", 12), ("length", 12), ("length", 4)]
+    # the first two: one drained launch after their prefill, then 10 launched ahead though the third one waited
+    assert launches[:11] == [False] + [True] * 10
+
+
 def test_a_slot_freed_while_a_step_including_it_runs_serves_the_next_request_fresh(model, tok):
     ban_eod = ((0, -100.0),)
     ended = SamplingParams(temperature=0.0, presence_penalty=0.6, logit_bias=ban_eod)

@@ -16,8 +16,8 @@ detokenizes, matches stop strings and delivers step n. Step n + 1 takes every se
 rule out (not at its length limit, not cancelled, room in its buffer); one that step n's token ends (token 0, a
 stop string) only wastes its row in step n + 1, whose row is then never sampled; its slot is reset when it is
 reused. A sequence in a launched step always gets that step's token, so no state is ever advanced twice. While a
-prompt waits to be admitted or prefilled, or a sequence sits out for backpressure, nothing is launched ahead: the
-pipeline drains and the scheduler decides the next step as usual.
+prompt that fits the free slots waits to be admitted or prefilled, or a sequence sits out for backpressure, nothing
+is launched ahead: the pipeline drains and the scheduler decides the next step as usual.
 """
 
 from __future__ import annotations
@@ -517,7 +517,7 @@ class Engine:
         """Queue the next decode step now, fed from this step's tokens `tokens` [B] on the device, for every
         sequence the host cannot yet rule out (see the module docstring)."""
         with self._cv:
-            if self._inbox or self._waiting or len(self._seqs) != len(seqs):
+            if self._can_admit() or len(self._seqs) != len(seqs):
                 return  # a prompt to admit or prefill, or a paused sequence: the scheduler decides
             going = [i for i, s in enumerate(seqs)
                      if s.generated + 1 < s.handle.request.max_new_tokens and not s.handle.cancelled
@@ -525,6 +525,12 @@ class Engine:
         if going:
             nxt = [seqs[i] for i in going]
             self._ahead = (nxt, self._launch(nxt, tokens, None if len(going) == len(seqs) else going))
+
+    def _can_admit(self) -> bool:
+        """Under the lock: whether the request first in line could take its slots now (a request that must wait
+        for a slot anyway is no reason to drain the pipeline)."""
+        head = self._waiting[0] if self._waiting else self._inbox[0] if self._inbox else None
+        return head is not None and (head.cancelled or head.slots_needed <= len(self._free))
 
     def _sample_and_emit(self, logits: torch.Tensor, seqs: list[_Seq], touched: set,
                          rows: Optional[list[int]] = None, launch_next: bool = False) -> None:
