@@ -41,8 +41,10 @@ def _free_port() -> int:
 def _entry(name: str, weights: str, **extra) -> str:
     lines = [f'[[models]]', f'model_name = "{name}"', 'model_cfg = "tiny"', f'weights_path = "{weights}"',
              'tokenizer_vocab_path = "../assets/vocab.txt"']
-    lines += [f"{k} = {json.dumps(v)}" for k, v in {"max_batch_size": 8, "max_context_len": 4096,
-                                                      "paragraph_len": 16, **extra}.items()]
+    # on the CPU even where a GPU is present: the contract tests need no GPU, and a CUDA engine would first spend
+    # its start compiling and capturing graphs
+    settings = {"device_type": "cpu", "max_batch_size": 8, "max_context_len": 4096, "paragraph_len": 16, **extra}
+    lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
     return "\n".join(lines) + "\n"
 
 
