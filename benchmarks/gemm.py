@@ -77,12 +77,9 @@ def partials(x: torch.Tensor, weight: torch.Tensor, tiling: Tiling, out: Optiona
     return out
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, tiling: Tiling, add: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x @ weight^T (+ add) in x's dtype, through `partials`."""
-    y = partials(x, weight, tiling).sum(0)
-    if add is not None:
-        y = y + add
-    return y.to(x.dtype)
+def linear(x: torch.Tensor, weight: torch.Tensor, tiling: Tiling) -> torch.Tensor:
+    """x @ weight^T in x's dtype, through `partials`."""
+    return partials(x, weight, tiling).sum(0).to(x.dtype)
 
 
 # (K, N) of the 7.2B step: r/k/v/output, FFN key, FFN value, head
