@@ -44,8 +44,15 @@ template <typename T> __device__ __forceinline__ T from_f32(float x);
 template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-__device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + expf(-x)); }
-__device__ __forceinline__ float decay_of(float x) { return expf(-DECAY_SCALE * sigmoid_f(x)); }
+// The decay maths use the hardware approximations (MUFU; relative error about 2^-22, far below the fp32 tolerance of
+// the tests): the IEEE expf, division and __frcp_rn took a tenth of the forward's instructions on an H100.
+__device__ __forceinline__ float fast_rcp(float x) {
+    float y;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+__device__ __forceinline__ float sigmoid_f(float x) { return fast_rcp(1.f + __expf(-x)); }
+__device__ __forceinline__ float decay_of(float x) { return __expf(-DECAY_SCALE * sigmoid_f(x)); }
 
 // Sum over the P consecutive lanes that share a line (every lane gets the total).
 template <int P>
@@ -218,7 +225,7 @@ fwd_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __restrict
                 const int o = s * N + j;
                 fa[o] = to_f32(cur[3 * V + o]) * D;
                 D *= dec[s];
-                const float inv = __frcp_rn(D);
+                const float inv = fast_rcp(D);
                 fb[o] = to_f32(cur[4 * V + o]) * inv;
                 fk[o] = to_f32(cur[2 * V + o]) * inv;
                 fr[o] = to_f32(cur[o]) * D;
@@ -375,7 +382,7 @@ bwd_rows_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __res
                 fk[o] = to_f32(cur[2 * V + o]) * Pj;
                 fb[o] = to_f32(cur[4 * V + o]) * Pj;
                 Pj *= dec[s];
-                inv = __frcp_rn(Pj);
+                inv = fast_rcp(Pj);
                 fa[o] = to_f32(cur[3 * V + o]) * inv;
             }
             fend[j] = Pj;
@@ -464,8 +471,8 @@ __device__ __forceinline__ ColStep col_step(const T* cur, int V, int o, bool pad
     c.a = to_f32(cur[3 * V + o]);
     c.b = to_f32(cur[4 * V + o]);
     const float sg = sigmoid_f(to_f32(cur[V + o]));
-    c.dec = pad ? 1.f : expf(-DECAY_SCALE * sg);
-    c.inv_dec = pad ? 1.f : expf(DECAY_SCALE * sg);
+    c.dec = pad ? 1.f : __expf(-DECAY_SCALE * sg);
+    c.inv_dec = pad ? 1.f : __expf(DECAY_SCALE * sg);
     c.ddec = pad ? 0.f : -DECAY_SCALE * c.dec * sg * (1.f - sg);  // d decay / d w
     return c;
 }
