@@ -87,26 +87,41 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
     asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
 }
 
-// Stage steps t0 .. t0+CHUNK-1 of head (b, h) of a [B, T, H, N] tensor into dst[CHUNK][N] (rows past T are zeros).
-template <typename T, int N, int NT>
-__device__ __forceinline__ void stage(T* dst, const T* src, int b, int t0, int T_, int H, int h, int tid) {
-    constexpr int VEC = 16 / sizeof(T);
-    constexpr int PER_ROW = N / VEC;
-    static_assert(N % VEC == 0, "a head's row must be a whole number of 16-byte pieces");
-#pragma unroll 2
-    for (int idx = tid; idx < CHUNK * PER_ROW; idx += NT) {
-        const int s = idx / PER_ROW, c = (idx % PER_ROW) * VEC;
-        const int t = t0 + s;
-        const bool ok = t < T_;
-        const T* g = src + ((static_cast<int64_t>(b) * T_ + (ok ? t : 0)) * H + h) * N + c;
-        copy16(dst + s * N + c, g, ok);
-    }
-}
-
 // Offset of element (b, t, h, n) in a [B, T, H, N] tensor.
 __device__ __forceinline__ int64_t at_bthn(int b, int t, int h, int n, int T_, int H, int N) {
     return ((static_cast<int64_t>(b) * T_ + t) * H + h) * N + n;
 }
+
+// The 16-byte pieces one thread copies when staging steps t0 .. t0+CHUNK-1 of head (b, h) of a [B, T, H, N] tensor
+// with elements of type E into [CHUNK][N] (rows past T are zero-filled). Every input has that layout, so the
+// offsets are worked out once per chunk and element type and serve all the tensors.
+template <typename E, int N, int NT>
+struct ChunkPieces {
+    static constexpr int VEC = 16 / sizeof(E);
+    static constexpr int PER_ROW = N / VEC;
+    static constexpr int COUNT = CHUNK * PER_ROW;         // pieces per chunk
+    static constexpr int MAX = (COUNT + NT - 1) / NT;      // pieces per thread
+    static_assert(N % VEC == 0, "a head's row must be a whole number of 16-byte pieces");
+    int64_t src[MAX];
+    int dst[MAX];
+    bool ok[MAX], mine[MAX];
+
+    __device__ __forceinline__ ChunkPieces(int b, int t0, int T_, int H, int h, int tid) {
+#pragma unroll
+        for (int i = 0; i < MAX; i++) {
+            const int idx = tid + i * NT, s = idx / PER_ROW, c = (idx % PER_ROW) * VEC, t = t0 + s;
+            mine[i] = COUNT % NT == 0 || idx < COUNT;
+            ok[i] = t < T_;
+            src[i] = at_bthn(b, ok[i] ? t : 0, h, c, T_, H, N);
+            dst[i] = s * N + c;
+        }
+    }
+    __device__ __forceinline__ void copy(E* to, const E* from) const {
+#pragma unroll
+        for (int i = 0; i < MAX; i++)
+            if (mine[i]) copy16(to + dst[i], from + src[i], ok[i]);
+    }
+};
 
 // Thread layout shared by the three line kernels: thread = (group g, lane q); group g owns lines
 // l0 + rr*G + g (rr < R); lane q owns elements 4*(e4*P + q) + c (e4 < E/4, c < 4), so the P lanes of a group read
@@ -198,13 +213,13 @@ fwd_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __restrict
 
     auto issue = [&](int ci, int buf) {
         T* dst = raw + buf * 6 * V;
-        const int t0 = ci * CHUNK;
-        stage<T, N, NT>(dst + 0 * V, r, b, t0, T_, H, h, tid);
-        stage<T, N, NT>(dst + 1 * V, w, b, t0, T_, H, h, tid);
-        stage<T, N, NT>(dst + 2 * V, k, b, t0, T_, H, h, tid);
-        stage<T, N, NT>(dst + 3 * V, a, b, t0, T_, H, h, tid);
-        stage<T, N, NT>(dst + 4 * V, bb, b, t0, T_, H, h, tid);
-        stage<T, N, NT>(dst + 5 * V, v, b, t0, T_, H, h, tid);
+        const ChunkPieces<T, N, NT> pieces(b, ci * CHUNK, T_, H, h, tid);
+        pieces.copy(dst + 0 * V, r);
+        pieces.copy(dst + 1 * V, w);
+        pieces.copy(dst + 2 * V, k);
+        pieces.copy(dst + 3 * V, a);
+        pieces.copy(dst + 4 * V, bb);
+        pieces.copy(dst + 5 * V, v);
         copy_commit();
     };
     if (nC > 0) issue(0, 0);
@@ -353,13 +368,13 @@ bwd_rows_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __res
 
     auto issue = [&](int ci, int buf) {
         T* dst = raw + buf * 6 * V;
-        const int t0 = ci * CHUNK;
-        stage<T, N, NT>(dst + 0 * V, r, b, t0, T_, H, h, tid);
-        stage<T, N, NT>(dst + 1 * V, w, b, t0, T_, H, h, tid);
-        stage<T, N, NT>(dst + 2 * V, k, b, t0, T_, H, h, tid);
-        stage<T, N, NT>(dst + 3 * V, a, b, t0, T_, H, h, tid);
-        stage<T, N, NT>(dst + 4 * V, bb, b, t0, T_, H, h, tid);
-        stage<T, N, NT>(dst + 5 * V, dy, b, t0, T_, H, h, tid);
+        const ChunkPieces<T, N, NT> pieces(b, ci * CHUNK, T_, H, h, tid);
+        pieces.copy(dst + 0 * V, r);
+        pieces.copy(dst + 1 * V, w);
+        pieces.copy(dst + 2 * V, k);
+        pieces.copy(dst + 3 * V, a);
+        pieces.copy(dst + 4 * V, bb);
+        pieces.copy(dst + 5 * V, dy);
         copy_commit();
     };
     if (nC > 0) issue(nC - 1, 0);
@@ -520,16 +535,17 @@ bwd_cols_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __res
     auto issue = [&](int ci, int buf) {
         T* dst = reinterpret_cast<T*>(smem + buf * RAW_BYTES);
         float* dstf = reinterpret_cast<float*>(dst + 7 * V);
-        const int t0 = ci * CHUNK;
-        stage<T, N, NT>(dst + 0 * V, r, b, t0, T_, H, h, tid);
-        stage<T, N, NT>(dst + 1 * V, w, b, t0, T_, H, h, tid);
-        stage<T, N, NT>(dst + 2 * V, k, b, t0, T_, H, h, tid);
-        stage<T, N, NT>(dst + 3 * V, a, b, t0, T_, H, h, tid);
-        stage<T, N, NT>(dst + 4 * V, bb, b, t0, T_, H, h, tid);
-        stage<T, N, NT>(dst + 5 * V, v, b, t0, T_, H, h, tid);
-        stage<T, N, NT>(dst + 6 * V, dy, b, t0, T_, H, h, tid);
-        stage<float, N, NT>(dstf, sa_in, b, t0, T_, H, h, tid);
-        stage<float, N, NT>(dstf + V, gb_in, b, t0, T_, H, h, tid);
+        const ChunkPieces<T, N, NT> pieces(b, ci * CHUNK, T_, H, h, tid);
+        pieces.copy(dst + 0 * V, r);
+        pieces.copy(dst + 1 * V, w);
+        pieces.copy(dst + 2 * V, k);
+        pieces.copy(dst + 3 * V, a);
+        pieces.copy(dst + 4 * V, bb);
+        pieces.copy(dst + 5 * V, v);
+        pieces.copy(dst + 6 * V, dy);
+        const ChunkPieces<float, N, NT> fpieces(b, ci * CHUNK, T_, H, h, tid);
+        fpieces.copy(dstf, sa_in);
+        fpieces.copy(dstf + V, gb_in);
         copy_commit();
     };
     if (nC > 0) issue(nC - 1, 0);
