@@ -189,6 +189,8 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=18765)
     ap.add_argument("--json")
     ap.add_argument("--server-log", help="write the server's log here (default: a temporary file)")
+    ap.add_argument("--trace", metavar="DIR", help="have the engine write its timeline into DIR (RWKV_ENGINE_TRACE; "
+                    "read it with benchmarks/timeline.py or https://ui.perfetto.dev)")
     args = ap.parse_args(argv)
     # `timeout` and friends send SIGTERM: end through the `finally` below, which stops the server too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -198,6 +200,8 @@ def main(argv=None) -> int:
         root = Path(tmp)
         write_config(root, args, args.port)
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        if args.trace:
+            env["RWKV_ENGINE_TRACE"] = str(Path(args.trace).resolve())
         log_path = Path(args.server_log) if args.server_log else root / "server.log"
         log = open(log_path, "wb")
         proc = subprocess.Popen([sys.executable, "-m", "rwkv_app.cli.infer", "--config-dir", str(root),
@@ -237,8 +241,10 @@ def main(argv=None) -> int:
                 if r["first_error"]:
                     print("  first error:", r["first_error"])
         finally:
-            proc.terminate()
+            proc.terminate()  # a graceful stop: the engine writes its timeline as it ends
             proc.wait(60)
+    if args.trace:
+        print("timeline:", ", ".join(str(p) for p in sorted(Path(args.trace).glob("*.trace.json"))) or "none written")
     env = {"torch": torch.__version__, "cuda": torch.version.cuda, "dtype": args.dtype, "model": args.model_cfg,
            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
            "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "torch_compile": args.torch_compile}

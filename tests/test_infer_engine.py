@@ -418,6 +418,46 @@ def _follows_the_model(model, prompt, tokens, p: SamplingParams, valid) -> bool:
     return True
 
 
+def _traced_run(model, tok, tmp_path, monkeypatch) -> tuple[Engine, dict]:
+    """Three requests through an engine with RWKV_ENGINE_TRACE set -> (the closed engine, its trace file)."""
+    import json
+
+    monkeypatch.setenv("RWKV_ENGINE_TRACE", str(tmp_path / "traces"))
+    engine = _engine(model, tok, name="traced", paragraph_len=8)
+    try:
+        handles = [engine.submit(GenerationRequest(tok.encode(p), GREEDY, 6))
+                   for p in ["hello world, a prompt of two chunks", "hi", "é é"]]
+        for h in handles:
+            _read_all(h)
+    finally:
+        engine.close()
+    return engine, json.loads((tmp_path / "traces" / "traced.trace.json").read_text())
+
+
+def test_the_engine_writes_its_timeline_when_asked(model, tok, tmp_path, monkeypatch):
+    engine, trace = _traced_run(model, tok, tmp_path, monkeypatch)
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    names = [e["name"] for e in spans]
+    assert {"admit", "prefill", "decode", "wait", "emit"} <= set(names)
+    assert names.count("prefill") == engine.steps["prefill"] >= 2  # the long prompt took two chunks
+    assert names.count("decode") >= engine.steps["decode"] > 0  # (a step launched ahead may go unused)
+    assert sum(e["args"]["requests"] for e in spans if e["name"] == "admit") == 3
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 and e["tid"] == 1 for e in spans)  # on the CPU: the host track only
+    host = sorted(spans, key=lambda e: e["ts"])  # one thread: its top-level spans never overlap
+    top = [e for e in host if e["name"] in ("admit", "idle", "wait", "emit")]
+    assert all(a["ts"] + a["dur"] <= b["ts"] + 1.0 for a, b in zip(top, top[1:]))
+
+
+def test_the_timeline_is_off_by_default(model, tok, monkeypatch):
+    monkeypatch.delenv("RWKV_ENGINE_TRACE", raising=False)
+    engine = _engine(model, tok)
+    try:
+        _read_all(engine.submit(GenerationRequest(tok.encode("hi"), GREEDY, 2)))
+        assert engine.timeline.write() is None
+    finally:
+        engine.close()
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -490,3 +530,17 @@ def test_cuda_prefill_graphs_replay_the_eager_calls_exactly(model):
     real = list(range(scratch))
     assert all(torch.equal(a, b) for a, b in zip(vars(graphed.index(real)).values(), vars(eager.index(real)).values()))
     assert prefill.disabled is None
+
+
+@cuda
+def test_cuda_timeline_places_each_step_on_the_device_clock(model, tok, tmp_path, monkeypatch):
+    import copy
+
+    _, trace = _traced_run(copy.deepcopy(model).to("cuda"), tok, tmp_path, monkeypatch)
+    host = [e for e in trace["traceEvents"] if e["ph"] == "X" and e["tid"] == 1]
+    gpu = sorted((e for e in trace["traceEvents"] if e["ph"] == "X" and e["tid"] == 2), key=lambda e: e["ts"])
+    assert {e["name"] for e in gpu} == {"prefill", "decode"}
+    # one stream runs the steps one after another, and none runs before the host launched it
+    assert all(a["ts"] + a["dur"] <= b["ts"] + 1.0 for a, b in zip(gpu, gpu[1:]))
+    launches = sorted(e["ts"] for e in host if e["name"] in ("prefill", "decode"))
+    assert len(launches) == len(gpu) and all(g["ts"] >= t - 50.0 for g, t in zip(gpu, launches))

@@ -37,6 +37,7 @@ from rwkv_app.config import ModelConfig
 from rwkv_app.infer.sampling import Sampled, Sampler, SamplingParams
 from rwkv_app.infer.scheduler import Scheduler, Step
 from rwkv_app.infer.textstream import Piece, TextStream
+from rwkv_app.infer.timeline import NoTimeline, Timeline
 from rwkv_app.infer.transfer import upload
 
 log = logging.getLogger(__name__)
@@ -243,6 +244,7 @@ class Engine:
         self.error: Optional[str] = None  # set if the worker thread died
         self.steps = {"prefill": 0, "decode": 0}
         self.tokens_decoded = 0
+        self.timeline: Timeline | NoTimeline = NoTimeline()  # RWKV_ENGINE_TRACE: set up on the worker thread
 
     # ------------------------------------------------------------------------------------------------ public
     def start(self) -> "Engine":
@@ -330,6 +332,7 @@ class Engine:
     def _run(self) -> None:
         try:
             with torch.inference_mode(), _on_device(self.device):
+                self.timeline = Timeline.from_env(self.name, self.device)
                 self.model.warm_up_serving()  # compiles (when on) before the first request, as the captures below
                 if self._graphs is not None:  # before the first request, so no request waits for a capture
                     self._graphs.capture_all()
@@ -341,15 +344,22 @@ class Engine:
             with self._cv:
                 self.error = f"{type(e).__name__}: {e}"
                 self._abort_all(f"engine failure: {self.error}")
+        finally:
+            with contextlib.suppress(Exception):  # a trace is a debugging aid: it never takes the engine down
+                if (path := self.timeline.write()) is not None:
+                    log.info("engine %s: timeline written to %s", self.name, path)
 
     def _iterate(self) -> bool:
         with self._cv:
             self._waiting.extend(self._inbox)
             self._inbox.clear()
             self._reap_cancelled()
-            for handle in self.scheduler.admit(self._waiting, len(self._free)):
-                self._waiting.popleft()
-                self._admit(handle)
+            admitted = self.scheduler.admit(self._waiting, len(self._free))
+            if admitted:
+                with self.timeline.span("admit", requests=len(admitted)):
+                    for handle in admitted:
+                        self._waiting.popleft()
+                        self._admit(handle)
             launched = self._ahead and [s for s in self._ahead[0] if not s.done]
             if launched:  # a decode step already running on the device is consumed before anything else
                 step = Step("decode", launched)
@@ -362,7 +372,8 @@ class Engine:
             if step is None:
                 if self._stop and not self._seqs and not self._waiting:
                     return False
-                self._cv.wait(0.5)
+                with self.timeline.span("idle"):
+                    self._cv.wait(0.5)
                 return True
         touched: set[RequestHandle] = set()
         try:
@@ -410,13 +421,14 @@ class Engine:
         scoring = [s for s in seqs if s.scores is not None]
         seqs = plain + scoring  # the order of the logits' rows
         logits = []  # [B, V] pieces: the logits after each sequence's chunk
-        if plain:
-            staged = self._ids([t for s in plain for t in s.prompt[s.pos:s.pos + chunk]] + [s.slot for s in plain])
-            tokens = staged[:len(plain) * chunk].view(len(plain), chunk)  # [B, T]
-            prefill = self._prefill_graphs or (lambda t, s: self.model.prefill(t, self.state, s))
-            logits.append(prefill(tokens, staged[len(plain) * chunk:]))
-        if scoring:
-            logits.append(self._prefill_scoring(scoring, chunk))
+        with self.timeline.gpu_span("prefill", rows=len(seqs), tokens=chunk):
+            if plain:
+                staged = self._ids([t for s in plain for t in s.prompt[s.pos:s.pos + chunk]] + [s.slot for s in plain])
+                tokens = staged[:len(plain) * chunk].view(len(plain), chunk)  # [B, T]
+                prefill = self._prefill_graphs or (lambda t, s: self.model.prefill(t, self.state, s))
+                logits.append(prefill(tokens, staged[len(plain) * chunk:]))
+            if scoring:
+                logits.append(self._prefill_scoring(scoring, chunk))
         logits = torch.cat(logits) if len(logits) > 1 else logits[0]
         for s in seqs:
             s.pos += chunk
@@ -505,13 +517,14 @@ class Engine:
         `tokens[rows[i]]` (a device tensor: the previous step's samples; rows None: `tokens[i]`), or with no
         `tokens` its last token as the host knows it."""
         slots = [s.slot for s in seqs]
-        if tokens is None:
-            tokens = self._ids([s.last_token for s in seqs])
-        elif rows is not None:
-            tokens = tokens.index_select(0, self._ids(rows))
-        if self._graphs is not None:
-            return self._graphs.feed(tokens, slots)  # the graph's input buffer keeps the slots while they last
-        return self.model.decode_step(tokens, self.state, self._ids(slots))
+        with self.timeline.gpu_span("decode", batch=len(seqs)):
+            if tokens is None:
+                tokens = self._ids([s.last_token for s in seqs])
+            elif rows is not None:
+                tokens = tokens.index_select(0, self._ids(rows))
+            if self._graphs is not None:
+                return self._graphs.feed(tokens, slots)  # the graph's input buffer keeps the slots while they last
+            return self.model.decode_step(tokens, self.state, self._ids(slots))
 
     def _launch_ahead(self, seqs: list[_Seq], tokens: torch.Tensor) -> None:
         """Queue the next decode step now, fed from this step's tokens `tokens` [B] on the device, for every
@@ -540,8 +553,9 @@ class Engine:
                                     [s.generator for s in seqs], rows)
         if launch_next:
             self._launch_ahead(seqs, batch.tokens)
-        sampled = batch.result()
-        with self._cv:
+        with self.timeline.span("wait", batch=len(seqs)):
+            sampled = batch.result()
+        with self.timeline.span("emit", batch=len(seqs)), self._cv:
             for seq, smp in zip(seqs, sampled):
                 if seq.done or seq.handle.cancelled:
                     continue  # ended meanwhile (aborted), or reaped at the next iteration
