@@ -121,6 +121,12 @@ struct ChunkPieces {
         for (int i = 0; i < MAX; i++)
             if (mine[i]) copy16(to + dst[i], from + src[i], ok[i]);
     }
+    // tensor number n of `from` into to + n * stride
+    template <typename... Src>
+    __device__ __forceinline__ void copy_each(E* to, int stride, Src... from) const {
+        int n = 0;
+        (copy(to + stride * n++, from), ...);
+    }
 };
 
 // Thread layout shared by the three line kernels: thread = (group g, lane q); group g owns lines
@@ -212,14 +218,7 @@ fwd_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __restrict
         load_line<E, V4, P>(S[rr], state_in + (static_cast<int64_t>(bh) * N + l0 + rr * L::G + g) * N, q);
 
     auto issue = [&](int ci, int buf) {
-        T* dst = raw + buf * 6 * V;
-        const ChunkPieces<T, N, NT> pieces(b, ci * CHUNK, T_, H, h, tid);
-        pieces.copy(dst + 0 * V, r);
-        pieces.copy(dst + 1 * V, w);
-        pieces.copy(dst + 2 * V, k);
-        pieces.copy(dst + 3 * V, a);
-        pieces.copy(dst + 4 * V, bb);
-        pieces.copy(dst + 5 * V, v);
+        ChunkPieces<T, N, NT>(b, ci * CHUNK, T_, H, h, tid).copy_each(raw + buf * 6 * V, V, r, w, k, a, bb, v);
         copy_commit();
     };
     if (nC > 0) issue(0, 0);
@@ -367,14 +366,7 @@ bwd_rows_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __res
     }
 
     auto issue = [&](int ci, int buf) {
-        T* dst = raw + buf * 6 * V;
-        const ChunkPieces<T, N, NT> pieces(b, ci * CHUNK, T_, H, h, tid);
-        pieces.copy(dst + 0 * V, r);
-        pieces.copy(dst + 1 * V, w);
-        pieces.copy(dst + 2 * V, k);
-        pieces.copy(dst + 3 * V, a);
-        pieces.copy(dst + 4 * V, bb);
-        pieces.copy(dst + 5 * V, dy);
+        ChunkPieces<T, N, NT>(b, ci * CHUNK, T_, H, h, tid).copy_each(raw + buf * 6 * V, V, r, w, k, a, bb, dy);
         copy_commit();
     };
     if (nC > 0) issue(nC - 1, 0);
@@ -535,17 +527,8 @@ bwd_cols_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __res
     auto issue = [&](int ci, int buf) {
         T* dst = reinterpret_cast<T*>(smem + buf * RAW_BYTES);
         float* dstf = reinterpret_cast<float*>(dst + 7 * V);
-        const ChunkPieces<T, N, NT> pieces(b, ci * CHUNK, T_, H, h, tid);
-        pieces.copy(dst + 0 * V, r);
-        pieces.copy(dst + 1 * V, w);
-        pieces.copy(dst + 2 * V, k);
-        pieces.copy(dst + 3 * V, a);
-        pieces.copy(dst + 4 * V, bb);
-        pieces.copy(dst + 5 * V, v);
-        pieces.copy(dst + 6 * V, dy);
-        const ChunkPieces<float, N, NT> fpieces(b, ci * CHUNK, T_, H, h, tid);
-        fpieces.copy(dstf, sa_in);
-        fpieces.copy(dstf + V, gb_in);
+        ChunkPieces<T, N, NT>(b, ci * CHUNK, T_, H, h, tid).copy_each(dst, V, r, w, k, a, bb, v, dy);
+        ChunkPieces<float, N, NT>(b, ci * CHUNK, T_, H, h, tid).copy_each(dstf, V, sa_in, gb_in);
         copy_commit();
     };
     if (nC > 0) issue(nC - 1, 0);
