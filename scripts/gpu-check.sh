@@ -16,8 +16,11 @@ mkdir -p "$OUT"
 
 step() { echo "== $1"; }
 
+if ! arch=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null); then
+    echo "gpu-check: $PY sees no CUDA device (this is for GPU machines; scripts/test.sh runs the CPU suite)" >&2
+    exit 2
+fi
 step "build (log: $OUT/build.log)"
-arch=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} RWKV_APP_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
     "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 
