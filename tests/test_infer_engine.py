@@ -458,6 +458,53 @@ def test_the_timeline_is_off_by_default(model, tok, monkeypatch):
         engine.close()
 
 
+class _ClockEvent:
+    """A stand-in for torch.cuda.Event that completes when recorded, at the host's clock."""
+
+    def __init__(self, enable_timing: bool = False):
+        self.t: float | None = None
+
+    def record(self, stream=None) -> None:
+        self.t = time.perf_counter()
+
+    def query(self) -> bool:
+        return self.t is not None
+
+    def elapsed_time(self, later: "_ClockEvent") -> float:
+        return (later.t - self.t) * 1e3
+
+
+def test_the_timeline_reads_device_spans_back_onto_the_host_clock(tmp_path, monkeypatch):
+    """The bookkeeping of the GPU track, with events that complete at once: each device span is read back (few stay
+    pending however long the trace) and lands where its launch was on the host track."""
+    import json
+
+    from rwkv_app.infer import timeline
+
+    monkeypatch.setattr(torch.cuda, "Event", _ClockEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: None)
+    tl = timeline.Timeline(tmp_path / "t.trace.json", torch.device("cuda"))
+    n = timeline.PENDING + 40
+    for i in range(n):
+        with tl.gpu_span("decode", batch=i):
+            time.sleep(1e-4)
+        assert len(tl._pending) <= timeline.PENDING
+    events = json.loads(tl.write().read_text())["traceEvents"]
+    host = [e for e in events if e["ph"] == "X" and e["tid"] == 1]
+    gpu = [e for e in events if e["ph"] == "X" and e["tid"] == 2]
+    assert len(host) == len(gpu) == n
+    assert [e["args"]["batch"] for e in gpu] == list(range(n))
+    # Each stand-in event is recorded just before / after its host span, so device spans must sit around their launch
+    # spans and after the previous one, up to the reference point's own uncertainty (µs).
+    slack = (tl._ref_host - tl._ref.t) * 1e6 + 1.0
+    previous_end = 0.0
+    for h, g in zip(host, gpu):
+        assert previous_end - slack <= g["ts"] <= h["ts"] + slack
+        assert g["ts"] + g["dur"] >= h["ts"] + h["dur"] - slack and g["dur"] >= 100.0
+        previous_end = h["ts"] + h["dur"]
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 

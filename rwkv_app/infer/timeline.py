@@ -27,13 +27,15 @@ from typing import Iterator, Optional
 import torch
 
 ENV = "RWKV_ENGINE_TRACE"
+PENDING = 256  # device spans kept as CUDA events before they are read back
 
 
 class Timeline:
     def __init__(self, path: Path, device: torch.device, limit: int = 200_000):
         self.path = path
         self._host: deque = deque(maxlen=limit)  # (name, start s, end s, args)
-        self._gpu: deque = deque(maxlen=limit)  # (name, start event, end event, args)
+        self._gpu: deque = deque(maxlen=limit)  # (name, start s, duration s, args), read back from the events
+        self._pending: deque = deque()  # (name, start event, end event, args) not yet read back
         self._device = device
         self._cuda = device.type == "cuda"
         self._origin = time.perf_counter()
@@ -71,7 +73,15 @@ class Timeline:
         with self.span(name, **args):
             yield
         end.record()
-        self._gpu.append((name, start, end, args))
+        self._pending.append((name, start, end, args))
+        if len(self._pending) > PENDING:  # read back what has run, so a long trace holds few live CUDA events
+            self._read_back(wait=False)
+
+    def _read_back(self, wait: bool) -> None:
+        shift = self._ref_host - self._origin  # device times are taken relative to the reference event
+        while self._pending and (wait or self._pending[0][2].query()):
+            name, start, end, args = self._pending.popleft()
+            self._gpu.append((name, shift + self._ref.elapsed_time(start) / 1e3, start.elapsed_time(end) / 1e3, args))
 
     def write(self) -> Path:
         """Write the Chrome trace file (atomically) and return its path."""
@@ -80,10 +90,8 @@ class Timeline:
         events += [_complete(name, 1, start - self._origin, end - start, args) for name, start, end, args in self._host]
         if self._cuda:
             torch.cuda.synchronize(self._device)
-            shift = self._ref_host - self._origin  # device times are taken relative to the reference event
-            for name, start, end, args in self._gpu:
-                t = shift + self._ref.elapsed_time(start) / 1e3
-                events.append(_complete(name, 2, t, start.elapsed_time(end) / 1e3, args))
+            self._read_back(wait=True)
+            events += [_complete(name, 2, start, dur, args) for name, start, dur, args in self._gpu]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
