@@ -458,6 +458,22 @@ def test_the_timeline_is_off_by_default(model, tok, monkeypatch):
         engine.close()
 
 
+def test_an_unusable_trace_directory_costs_a_warning_not_the_engine(model, tok, tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("RWKV_ENGINE_TRACE", str(blocker / "traces"))
+    engine = _engine(model, tok, name="untraceable")
+    try:
+        with caplog.at_level("WARNING", logger="rwkv_app.infer.engine"):
+            _, reasons = _read_all(engine.submit(GenerationRequest(tok.encode("hi"), GREEDY, 3)))
+            assert reasons[0] == ("length", 3)
+            engine.close()
+    finally:
+        engine.close()
+    lines = [r.getMessage() for r in caplog.records if "timeline not written" in r.getMessage()]
+    assert len(lines) == 1 and "RWKV_ENGINE_TRACE" in lines[0] and "untraceable" in lines[0]
+
+
 class _ClockEvent:
     """A stand-in for torch.cuda.Event that completes when recorded, at the host's clock."""
 

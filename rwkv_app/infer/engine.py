@@ -37,6 +37,7 @@ from rwkv_app.config import ModelConfig
 from rwkv_app.infer.sampling import Sampled, Sampler, SamplingParams
 from rwkv_app.infer.scheduler import Scheduler, Step
 from rwkv_app.infer.textstream import Piece, TextStream
+from rwkv_app.infer.timeline import ENV as TRACE_ENV
 from rwkv_app.infer.timeline import NoTimeline, Timeline
 from rwkv_app.infer.transfer import upload
 
@@ -345,9 +346,12 @@ class Engine:
                 self.error = f"{type(e).__name__}: {e}"
                 self._abort_all(f"engine failure: {self.error}")
         finally:
-            with contextlib.suppress(Exception):  # a trace is a debugging aid: it never takes the engine down
+            try:  # a trace is a debugging aid: it never takes the engine down
                 if (path := self.timeline.write()) is not None:
                     log.info("engine %s: timeline written to %s", self.name, path)
+            except Exception as e:
+                log.warning("engine %s: timeline not written (%s names an unusable directory?): %s: %s",
+                            self.name, TRACE_ENV, type(e).__name__, e)
 
     def _iterate(self) -> bool:
         with self._cv:

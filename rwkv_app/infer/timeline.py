@@ -8,7 +8,7 @@ Off unless the environment variable `RWKV_ENGINE_TRACE` names a directory; then 
   `wait` (blocked until the step's sampled tokens reach the host), `emit` (detokenizing and delivering them) and
   `idle` (nothing to do).
 - "gpu" (CUDA only): when each launched prefill chunk and decode step ran, from CUDA events recorded around the
-  launch and read back when the file is written. A gap on this track is time the GPU had no step to run.
+  launch and read back once they have run. A gap on this track is time the GPU had no step to run.
 
 Built for finding where serving time goes: the engine calls `span` and `gpu_span` unconditionally, and with the
 trace off they cost a method call each. At most `limit` spans per track are kept (the latest).
