@@ -276,10 +276,12 @@ class Registry:
             for engine in snapshot[name].engines:
                 engine.max_queued = new.max_queued_requests
         self.snapshot, self.config = snapshot, new  # the swap
-        retired = [old[n] for n in result.changed + result.removed]
-        if retired:
-            threading.Thread(target=_drain_all, args=(retired, new.shutdown_grace_s), daemon=True,
-                             name="rwkv-drain").start()
+        if result.changed or result.removed:
+            # Popped out of the old snapshot into a list only the drain thread holds: its final collection must find
+            # them unreachable, so no reference may stay here (they would stay frozen, never freed).
+            threading.Thread(target=_drain_all, args=([old.pop(n) for n in result.changed + result.removed],
+                                                      new.shutdown_grace_s), daemon=True, name="rwkv-drain").start()
+        del old
         result.applied = True
         log.info("reloaded models: %s", result.as_dict())
         freeze_long_lived()
