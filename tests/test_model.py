@@ -35,13 +35,20 @@ def randomize(model: RWKV7, seed: int = 0) -> RWKV7:
 
 
 def official_rwkv(pth_stem):
-    """The official package's RWKV-7 on the CPU in fp32 (it reads RWKV_V7_ON when `rwkv.model` is imported)."""
-    os.environ["RWKV_V7_ON"] = "1"
-    import rwkv.model
+    """The official package's RWKV-7 on the CPU in fp32 (it reads RWKV_V7_ON when `rwkv.model` is imported).
 
-    if not hasattr(rwkv.model, "RWKV_x070"):  # imported earlier without the flag
-        importlib.reload(rwkv.model)
-    return rwkv.model.RWKV(model=str(pth_stem), strategy="cpu fp32")
+    Importing `rwkv.model` and building its RWKV switch TF32 matmuls on for the whole process; the flags are put
+    back, or every later fp32 CUDA test in the session would compare TF32 against fp32 results."""
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    os.environ["RWKV_V7_ON"] = "1"
+    try:
+        import rwkv.model
+
+        if not hasattr(rwkv.model, "RWKV_x070"):  # imported earlier without the flag
+            importlib.reload(rwkv.model)
+        return rwkv.model.RWKV(model=str(pth_stem), strategy="cpu fp32")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = flags
 
 
 def rel_err(got, want):
@@ -55,7 +62,9 @@ def test_logits_match_official_package(tmp_path, head_size):
     model = randomize(RWKV7(cfg), seed=head_size)
     save_checkpoint(tmp_path / "m.safetensors", model, cfg)
     export_pth(tmp_path / "m.safetensors", tmp_path / "m.pth")
+    tf32 = torch.backends.cuda.matmul.allow_tf32
     oracle = official_rwkv(tmp_path / "m")
+    assert torch.backends.cuda.matmul.allow_tf32 == tf32  # the package's process-wide switch was undone
 
     tokens = torch.randint(0, VOCAB, (37,), generator=torch.Generator().manual_seed(1)).tolist()  # 37 % 16 != 0
     want, want_state = oracle.forward(tokens, None, full_output=True)
