@@ -4,7 +4,9 @@
     python benchmarks/timeline.py out/trace/bench#0.trace.json [--from 5 --to 15]
 
 Prints, over the window (seconds from the trace's start; default: all of it):
-- the host track: seconds and count per span kind (admit, prefill, decode, wait, emit, idle);
+- the host track: seconds, the worker thread's own CPU seconds and count per span kind (admit, prefill, decode,
+  wait, emit, idle); wall time well above CPU time was spent blocked (GPU, locks, the interpreter lock);
+- the garbage collector's pauses: count, seconds and the longest, per generation, and which threads paid them;
 - the GPU track (CUDA only): busy share, seconds per step kind, and the idle gaps between steps: all of them, and
   those right before and right after each prefill (the pipeline drained around it);
 - per prefill: rows, tokens per row and device time, summed over the window.
@@ -24,10 +26,20 @@ def summarize(trace: dict, start_s: float = 0.0, end_s: float = float("inf")) ->
              and start_s <= e["ts"] / 1e6 and (e["ts"] + e["dur"]) / 1e6 <= end_s]
     host = [e for e in spans if e["tid"] == 1]
     gpu = sorted((e for e in spans if e["tid"] == 2), key=lambda e: e["ts"])
-    out: dict = {"host": defaultdict(lambda: [0.0, 0])}
+    out: dict = {"host": defaultdict(lambda: [0.0, 0.0, 0]), "gc": defaultdict(lambda: [0, 0.0, 0.0]),
+                 "gc_threads": defaultdict(float)}
     for e in host:
-        out["host"][e["name"]][0] += e["dur"] / 1e6
-        out["host"][e["name"]][1] += 1
+        kind = out["host"][e["name"]]
+        kind[0] += e["dur"] / 1e6
+        kind[1] += e["args"].get("cpu_ms", 0.0) / 1e3
+        kind[2] += 1
+    for e in spans:
+        if e["tid"] == 3:
+            gen = out["gc"][e["name"]]
+            gen[0] += 1
+            gen[1] += e["dur"] / 1e6
+            gen[2] = max(gen[2], e["dur"] / 1e6)
+            out["gc_threads"][e["args"]["thread"]] += e["dur"] / 1e6
     if gpu:
         wall = (gpu[-1]["ts"] + gpu[-1]["dur"] - gpu[0]["ts"]) / 1e6
         busy = defaultdict(float)
@@ -53,9 +65,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     with open(args.trace) as f:
         s = summarize(json.load(f), args.start, args.end)
-    print("host track: seconds (count) per span kind")
-    for name, (secs, n) in sorted(s["host"].items(), key=lambda kv: -kv[1][0]):
-        print(f"  {name:<8} {secs:9.3f} s  ({n})")
+    print("host track: seconds, worker CPU seconds (count) per span kind")
+    for name, (secs, cpu, n) in sorted(s["host"].items(), key=lambda kv: -kv[1][0]):
+        print(f"  {name:<8} {secs:9.3f} s  cpu {cpu:8.3f} s  ({n})")
+    if s["gc"]:
+        print("garbage collector pauses: count, seconds, longest per generation")
+        for name, (n, secs, worst) in sorted(s["gc"].items()):
+            print(f"  {name:<8} {n:6d} {secs:9.3f} s  longest {1e3 * worst:.2f} ms")
+        print("  paid by: " + ", ".join(f"{t} {secs:.3f} s" for t, secs in sorted(s["gc_threads"].items())))
     g = s.get("gpu")
     if g is None:
         print("no GPU track (the engine ran on the CPU)")

@@ -442,10 +442,37 @@ def test_the_engine_writes_its_timeline_when_asked(model, tok, tmp_path, monkeyp
     assert names.count("prefill") == engine.steps["prefill"] >= 2  # the long prompt took two chunks
     assert names.count("decode") >= engine.steps["decode"] > 0  # (a step launched ahead may go unused)
     assert sum(e["args"]["requests"] for e in spans if e["name"] == "admit") == 3
-    assert all(e["dur"] >= 0 and e["ts"] >= 0 and e["tid"] == 1 for e in spans)  # on the CPU: the host track only
-    host = sorted(spans, key=lambda e: e["ts"])  # one thread: its top-level spans never overlap
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 and e["tid"] in (1, 3) for e in spans)  # on the CPU: no GPU track
+    host = sorted((e for e in spans if e["tid"] == 1), key=lambda e: e["ts"])  # one thread: spans never overlap
+    assert all(0 <= e["args"]["cpu_ms"] <= e["dur"] / 1e3 + 1.0 for e in host)  # the worker's CPU time inside
     top = [e for e in host if e["name"] in ("admit", "idle", "wait", "emit")]
     assert all(a["ts"] + a["dur"] <= b["ts"] + 1.0 for a, b in zip(top, top[1:]))
+
+
+def test_the_timeline_records_garbage_collector_pauses_until_closed(tmp_path):
+    import gc
+    import json
+    import threading
+
+    from rwkv_app.infer import timeline
+
+    tl = timeline.Timeline(tmp_path / "t.trace.json", torch.device("cpu"))
+    gc.disable()  # only the collections asked for below
+    try:
+        gc.collect()  # on this thread
+        worker = threading.Thread(target=gc.collect, args=(1,), name="other-thread")
+        worker.start()
+        worker.join()
+    finally:
+        gc.enable()
+        tl.close()
+    assert tl._on_gc not in gc.callbacks
+    gc.collect()  # after close: not recorded
+    events = json.loads(tl.write().read_text())["traceEvents"]
+    pauses = [e for e in events if e["ph"] == "X" and e["tid"] == 3]
+    assert [(e["name"], e["args"]["thread"]) for e in pauses] == [
+        ("gc2", threading.current_thread().name), ("gc1", "other-thread")]
+    assert all(e["dur"] >= 0 and e["args"]["collected"] >= 0 for e in pauses)
 
 
 def test_the_timeline_is_off_by_default(model, tok, monkeypatch):

@@ -347,7 +347,7 @@ class Engine:
                 self._abort_all(f"engine failure: {self.error}")
         finally:
             try:  # a trace is a debugging aid: it never takes the engine down
-                if (path := self.timeline.write()) is not None:
+                if (path := self.timeline.close()) is not None:
                     log.info("engine %s: timeline written to %s", self.name, path)
             except Exception as e:
                 log.warning("engine %s: timeline not written (%s names an unusable directory?): %s: %s",

@@ -9,6 +9,11 @@ Off unless the environment variable `RWKV_ENGINE_TRACE` names a directory; then 
   `idle` (nothing to do).
 - "gpu" (CUDA only): when each launched prefill chunk and decode step ran, from CUDA events recorded around the
   launch and read back once they have run. A gap on this track is time the GPU had no step to run.
+- "gc": every pause of Python's cyclic garbage collector while the engine runs, whichever thread triggered it (a
+  collection holds the interpreter lock, so it stalls the worker either way), with its generation and thread.
+
+Each host span also carries `cpu_ms`, the worker thread's own CPU time inside it: a span much longer than its
+`cpu_ms` spent the difference blocked (on the GPU, a lock, or the interpreter lock held by the HTTP thread).
 
 Built for finding where serving time goes: the engine calls `span` and `gpu_span` unconditionally, and with the
 trace off they cost a method call each. At most `limit` spans per track are kept (the latest).
@@ -17,8 +22,10 @@ trace off they cost a method call each. At most `limit` spans per track are kept
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -36,9 +43,12 @@ class Timeline:
         self._host: deque = deque(maxlen=limit)  # (name, start s, end s, args)
         self._gpu: deque = deque(maxlen=limit)  # (name, start s, duration s, args), read back from the events
         self._pending: deque = deque()  # (name, start event, end event, args) not yet read back
+        self._gc: deque = deque(maxlen=limit)  # (generation, start s, end s, thread name, objects collected)
+        self._gc_start: Optional[tuple[float, str]] = None
         self._device = device
         self._cuda = device.type == "cuda"
         self._origin = time.perf_counter()
+        gc.callbacks.append(self._on_gc)
         if self._cuda:  # a reference point on both clocks: the device is idle, so the event runs at once
             torch.cuda.synchronize(device)
             self._ref = torch.cuda.Event(enable_timing=True)
@@ -55,11 +65,20 @@ class Timeline:
 
     @contextlib.contextmanager
     def span(self, name: str, **args) -> Iterator[None]:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         try:
             yield
         finally:
+            args["cpu_ms"] = round((time.thread_time() - cpu) * 1e3, 3)
             self._host.append((name, start, time.perf_counter(), args))
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_start = (time.perf_counter(), threading.current_thread().name)
+        elif self._gc_start is not None:
+            start, thread = self._gc_start
+            self._gc.append((info["generation"], start, time.perf_counter(), thread, info["collected"]))
+            self._gc_start = None
 
     @contextlib.contextmanager
     def gpu_span(self, name: str, **args) -> Iterator[None]:
@@ -83,11 +102,19 @@ class Timeline:
             name, start, end, args = self._pending.popleft()
             self._gpu.append((name, shift + self._ref.elapsed_time(start) / 1e3, start.elapsed_time(end) / 1e3, args))
 
+    def close(self) -> Path:
+        """Stop recording the garbage collector and write the file: the engine is done with its timeline."""
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._on_gc)
+        return self.write()
+
     def write(self) -> Path:
         """Write the Chrome trace file (atomically) and return its path."""
         events = [{"ph": "M", "pid": 1, "tid": tid, "name": "thread_name", "args": {"name": track}}
-                  for tid, track in ((1, "host"), (2, "gpu"))]
+                  for tid, track in ((1, "host"), (2, "gpu"), (3, "gc"))]
         events += [_complete(name, 1, start - self._origin, end - start, args) for name, start, end, args in self._host]
+        events += [_complete(f"gc{gen}", 3, start - self._origin, end - start, {"thread": thread, "collected": n})
+                   for gen, start, end, thread, n in list(self._gc)]
         if self._cuda:
             torch.cuda.synchronize(self._device)
             self._read_back(wait=True)
@@ -109,6 +136,8 @@ class NoTimeline:
 
     def write(self) -> Optional[Path]:
         return None
+
+    close = write
 
 
 def _complete(name: str, tid: int, start_s: float, dur_s: float, args: dict) -> dict:
