@@ -220,9 +220,11 @@ def read_text(handle) -> tuple[list[int], str, str]:
     return tokens, text, reason
 
 
-def test_the_engine_launches_each_decode_step_once_and_ahead_of_the_text_work(tok):
+@pytest.mark.parametrize("after_prefill", [False, True])
+def test_the_engine_launches_each_decode_step_once_and_ahead_of_the_text_work(tok, after_prefill):
     model = tiny_model(32, seed=14, vocab_size=256)
     engine = engine_for(model, tok)
+    engine.launch_after_prefill = after_prefill
     launches = []
     launch = engine._launch
     engine._launch = lambda seqs, *fed: launches.append(len(seqs)) or launch(seqs, *fed)
@@ -234,9 +236,9 @@ def test_the_engine_launches_each_decode_step_once_and_ahead_of_the_text_work(to
     finally:
         engine.close()
     assert reason == "length" and len(tokens) == 12
-    # the prefill samples token 1; tokens 2..12 take 11 decode steps, each launched exactly once, all but the
-    # first while the previous step's text was still being made (no launch past the length limit)
-    assert engine.steps["decode"] == 11 and launches == [1] * 11 and len(ahead_calls) == 11
+    # the prefill samples token 1; tokens 2..12 take 11 decode steps, each launched exactly once, while the previous
+    # step's text was still being made (the first only with launch_after_prefill; no launch past the length limit)
+    assert engine.steps["decode"] == 11 and launches == [1] * 11 and len(ahead_calls) == 11 + after_prefill
 
 
 def test_a_stop_string_met_while_the_next_step_runs_changes_nothing_for_the_others(tok):

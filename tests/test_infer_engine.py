@@ -36,10 +36,17 @@ def model():
     return m.eval()
 
 
-def _engine(model, tok, **kw):
+def _engine(model, tok, launch_after_prefill=None, **kw):
     args = dict(max_batch_size=8, max_context_len=512, paragraph_len=16, decode_first=True, max_queued=32)
     args.update(kw)
-    return Engine(model, CFG, tok, **args).start()
+    engine = Engine(model, CFG, tok, **args)
+    if launch_after_prefill is not None:  # on by default on a GPU only; its logic is the same on the CPU
+        engine.launch_after_prefill = launch_after_prefill
+    return engine.start()
+
+
+# the engine as on the CPU, and with the decode step after a prefill launched ahead as on a GPU
+AFTER_PREFILL = pytest.mark.parametrize("after_prefill", [False, True], ids=["drained", "ahead"])
 
 
 def _reference_greedy(model, prompt, steps, valid):
@@ -79,10 +86,11 @@ def test_greedy_matches_the_model_and_chunking_does_not_matter(model, tok):
         assert got == want[:len(got)] and (reason == "length" or want[len(got)] == 0)
 
 
-def test_a_request_alone_equals_it_among_others(model, tok):
+@AFTER_PREFILL
+def test_a_request_alone_equals_it_among_others(model, tok, after_prefill):
     prompts = [tok.encode(f"request {i}: " + "abc" * i) for i in range(8)]
     seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=42)
-    engine = _engine(model, tok, max_batch_size=8, paragraph_len=7)
+    engine = _engine(model, tok, max_batch_size=8, paragraph_len=7, launch_after_prefill=after_prefill)
     try:
         alone_greedy = engine.generate(prompts[3], 20, GREEDY, timeout=60)
         alone_seeded = engine.generate(prompts[5], 20, seeded, timeout=60)
@@ -95,10 +103,11 @@ def test_a_request_alone_equals_it_among_others(model, tok):
     assert engine.steps["decode"] < 8 * 20  # they really shared decode steps
 
 
-def test_n_choices_share_one_prefill(model, tok):
+@AFTER_PREFILL
+def test_n_choices_share_one_prefill(model, tok, after_prefill):
     prompt = tok.encode("several choices from one prompt")
     params = SamplingParams(temperature=1.0, seed=7)
-    engine = _engine(model, tok)
+    engine = _engine(model, tok, launch_after_prefill=after_prefill)
     try:
         single = engine.generate(prompt, 12, params, timeout=60)[0]
         one = engine.steps["prefill"]
@@ -191,8 +200,9 @@ def _reference_penalized(model, prompt, steps, valid, p: SamplingParams):
     return out
 
 
-def test_the_next_step_is_queued_before_the_host_reads_the_tokens(model, tok):
-    engine = _engine(model, tok)
+@AFTER_PREFILL
+def test_the_next_step_is_queued_before_the_host_reads_the_tokens(model, tok, after_prefill):
+    engine = _engine(model, tok, launch_after_prefill=after_prefill)
     log = []
     sample, launch = engine.sampler.sample, engine._launch
 
@@ -211,16 +221,20 @@ def test_the_next_step_is_queued_before_the_host_reads_the_tokens(model, tok):
     finally:
         engine.close()
     assert reason == "length" and len(tokens) == 8
-    # the prefill samples token 1 (nothing in flight yet); decode step 1 is launched from the host's token 1;
-    # each later step is launched from the device's tokens before the host reads them; none past the limit
-    assert log == ["sample", "result", "launch"] + ["sample", "launch", "result"] * 6 + ["sample", "result"]
+    # the prefill samples token 1; decode step 1 is launched from the device's token 1 before the host reads it
+    # (ahead), or once the host has it (drained); each later step is launched from the device's tokens before the
+    # host reads them; none past the limit
+    first = ["sample", "launch", "result"] if after_prefill else ["sample", "result", "launch"]
+    assert log == first + ["sample", "launch", "result"] * 6 + ["sample", "result"]
 
 
-def test_a_request_waiting_for_a_slot_does_not_stall_the_pipeline(model, tok):
+@AFTER_PREFILL
+def test_a_request_waiting_for_a_slot_does_not_stall_the_pipeline(model, tok, after_prefill):
     """With every slot taken, a queued request cannot be admitted before a slot frees: the steps keep being
     launched ahead of the host's reads meanwhile; once a slot is free it is admitted and served."""
     engine = Engine(model, CFG, tok, max_batch_size=2, max_context_len=512, paragraph_len=16, decode_first=True,
                     max_queued=8)
+    engine.launch_after_prefill = after_prefill
     params = SamplingParams(temperature=0.0, logit_bias=((0, -100.0),))
     handles = [engine.submit(GenerationRequest(tok.encode(f"busy {i}"), params, 12)) for i in range(2)]
     handles.append(engine.submit(GenerationRequest(tok.encode("waiting"), params, 4)))
@@ -234,17 +248,19 @@ def test_a_request_waiting_for_a_slot_does_not_stall_the_pipeline(model, tok):
     finally:
         engine.close()
     assert [reasons[0] for _, reasons in got] == [("length", 12), ("length", 12), ("length", 4)]
-    # the first two: one drained launch after their prefill, then 10 launched ahead though the third one waited
-    assert launches[:11] == [False] + [True] * 10
+    # the first two: their first decode step launched right after their prefill (ahead) or once the host read its
+    # tokens (drained), then 10 launched ahead though the third one waited
+    assert launches[:11] == [after_prefill] + [True] * 10
 
 
-def test_a_slot_freed_while_a_step_including_it_runs_serves_the_next_request_fresh(model, tok):
+@AFTER_PREFILL
+def test_a_slot_freed_while_a_step_including_it_runs_serves_the_next_request_fresh(model, tok, after_prefill):
     ban_eod = ((0, -100.0),)
     ended = SamplingParams(temperature=0.0, presence_penalty=0.6, logit_bias=ban_eod)
     long_running = SamplingParams(temperature=0.0, logit_bias=ban_eod)
     newcomer = SamplingParams(temperature=0.9, top_k=30, frequency_penalty=0.4, seed=21, logit_bias=ban_eod)
     prompts = [tok.encode("the one that stops"), tok.encode("the one that runs on"), tok.encode("the newcomer")]
-    engine = _engine(model, tok, max_batch_size=2)
+    engine = _engine(model, tok, max_batch_size=2, launch_after_prefill=after_prefill)
     try:
         alone = [_read_all(engine.submit(GenerationRequest(p, q, n)))[0][0]
                  for p, q, n in zip(prompts, (ended, long_running, newcomer), (20, 30, 12))]
@@ -273,7 +289,8 @@ def test_a_slot_freed_while_a_step_including_it_runs_serves_the_next_request_fre
     assert [piece.token for piece in got[2][0][0]] == [piece.token for piece in alone[2]]  # fresh state and counts
 
 
-def test_penalized_and_seeded_requests_are_exact_among_requests_that_end_mid_flight(model, tok):
+@AFTER_PREFILL
+def test_penalized_and_seeded_requests_are_exact_among_requests_that_end_mid_flight(model, tok, after_prefill):
     penalized = SamplingParams(temperature=0.0, presence_penalty=0.4, frequency_penalty=0.3, repetition_penalty=0.2,
                                penalty_decay=0.9, logit_bias=((0, -100.0), (104, 1.5)))
     seeded = SamplingParams(temperature=1.1, top_p=0.95, presence_penalty=0.2, seed=5, logprobs=2,
@@ -281,7 +298,7 @@ def test_penalized_and_seeded_requests_are_exact_among_requests_that_end_mid_fli
     eod_soon = SamplingParams(temperature=0.0, logit_bias=((0, 8.0),))  # token 0 wins after a few tokens, or at once
     prompt_p, prompt_s = tok.encode("penalties on the device"), tok.encode("a seeded one")
     want = _reference_penalized(model, prompt_p, 24, tok.vocab_size, penalized)
-    engine = _engine(model, tok, max_batch_size=6)
+    engine = _engine(model, tok, max_batch_size=6, launch_after_prefill=after_prefill)
     try:
         alone = _read_all(engine.submit(GenerationRequest(prompt_s, seeded, 24)))[0][0]
         handles = [engine.submit(GenerationRequest(prompt_p, penalized, 24)),

@@ -15,9 +15,12 @@ the device, and only then waits for the copy of step n's tokens alone. While the
 detokenizes, matches stop strings and delivers step n. Step n + 1 takes every sequence that the host cannot yet
 rule out (not at its length limit, not cancelled, room in its buffer); one that step n's token ends (token 0, a
 stop string) only wastes its row in step n + 1, whose row is then never sampled; its slot is reset when it is
-reused. A sequence in a launched step always gets that step's token, so no state is ever advanced twice. While a
-prompt that fits the free slots waits to be admitted or prefilled, or a sequence sits out for backpressure, nothing
-is launched ahead: the pipeline drains and the scheduler decides the next step as usual.
+reused. A sequence in a launched step always gets that step's token, so no state is ever advanced twice. The
+prefill chunk that ends some prompts launches the next decode step the same way, for those sequences (fed their
+first token on the device) and the ones already decoding (fed their last token from the host), so the GPU goes
+from prefill to decoding without waiting for the host. While a prompt that fits the free slots waits to be
+admitted or prefilled, or a sequence sits out for backpressure, nothing is launched ahead: the pipeline drains and
+the scheduler decides the next step as usual.
 """
 
 from __future__ import annotations
@@ -233,6 +236,10 @@ class Engine:
             rows = min(max_batch_size, self.scheduler.max_prefill_rows)
             self._prefill_graphs = GraphedPrefill(model, self.state, rows, scratch_slot=max_batch_size)
         self._ahead: Optional[tuple[list[_Seq], torch.Tensor]] = None  # a decode step launched, not yet sampled
+        # after a prefill, launch the next decode step before the prompts' first tokens reach the host: on a GPU
+        # that closes the device's idle gap; on the CPU, where steps run as they are launched, it would only delay
+        # those first tokens by a step
+        self.launch_after_prefill = on_gpu
 
         self._cv = threading.Condition()
         self._inbox: deque[RequestHandle] = deque()
@@ -367,6 +374,7 @@ class Engine:
             launched = self._ahead and [s for s in self._ahead[0] if not s.done]
             if launched:  # a decode step already running on the device is consumed before anything else
                 step = Step("decode", launched)
+                self.scheduler.ran("decode")
             else:
                 self._ahead = None
                 prefilling = [s for s in self._seqs if s.prefill_remaining > 0]
@@ -389,7 +397,8 @@ class Engine:
             if not _recoverable(e):
                 raise
             log.exception("engine %s: step failed; ending its requests", self.name)
-            self._ahead = None  # launched for a subset of this step's sequences, which all end here
+            # A step launched ahead stays: its rows of this step's sequences are skipped once they have ended, and
+            # any other sequence in it (after a prefill) must still take its token, or its state would move twice.
             with self._cv:
                 for seq in step.seqs:
                     waiting_siblings, seq.siblings = seq.siblings, []
@@ -458,7 +467,7 @@ class Engine:
                 rows.append(i)
                 members.append(s)
         if members:
-            self._sample_and_emit(logits, members, touched, rows=rows)
+            self._sample_and_emit(logits, members, touched, rows=rows, launch_next=self.launch_after_prefill)
 
     def _prefill_scoring(self, seqs: list[_Seq], chunk: int) -> torch.Tensor:
         """Prefill one chunk through the full-sequence forward, recording the log-probability of every prompt token
@@ -532,16 +541,28 @@ class Engine:
 
     def _launch_ahead(self, seqs: list[_Seq], tokens: torch.Tensor) -> None:
         """Queue the next decode step now, fed from this step's tokens `tokens` [B] on the device, for every
-        sequence the host cannot yet rule out (see the module docstring)."""
+        sequence of `seqs` the host cannot yet rule out, and (after a prefill) every other sequence ready to decode,
+        fed its last token from the host (see the module docstring)."""
         with self._cv:
-            if self._can_admit() or len(self._seqs) != len(seqs):
-                return  # a prompt to admit or prefill, or a paused sequence: the scheduler decides
+            if self._can_admit():
+                return  # a prompt to admit or prefill: the scheduler decides
+            stepped = {id(s) for s in seqs}
+            others = [s for s in self._seqs if id(s) not in stepped]
+            if any(s.prefill_remaining > 0 or s.last_token < 0 or s.handle.cancelled or not s.handle._has_room()
+                   for s in others):
+                return  # a prompt still prefilling, or a paused or cancelled sequence: the scheduler decides
             going = [i for i, s in enumerate(seqs)
                      if s.generated + 1 < s.handle.request.max_new_tokens and not s.handle.cancelled
                      and len(s.handle._buffer) + 1 < OUTPUT_BUFFER]
-        if going:
-            nxt = [seqs[i] for i in going]
-            self._ahead = (nxt, self._launch(nxt, tokens, None if len(going) == len(seqs) else going))
+        if not going and not others:
+            return
+        nxt = [seqs[i] for i in going] + others
+        if others:  # their tokens are the host's: appended after this step's, each row picked by `rows`
+            tokens = torch.cat([tokens, self._ids([s.last_token for s in others])])
+            rows = going + list(range(len(seqs), len(seqs) + len(others)))
+        else:
+            rows = None if len(going) == len(seqs) else going
+        self._ahead = (nxt, self._launch(nxt, tokens, rows))
 
     def _can_admit(self) -> bool:
         """Under the lock: whether the request first in line could take its slots now (a request that must wait

@@ -57,6 +57,10 @@ class Scheduler:
             free_slots -= request.slots_needed
         return chosen
 
+    def ran(self, kind: Literal["prefill", "decode"]) -> None:
+        """A step the engine ran without asking (a decode step launched ahead): the alternation counts it."""
+        self._last = kind
+
     def next_step(self, prefilling: Sequence[P], decoding: Sequence[D]) -> Step | None:
         """`prefilling` oldest first; `decoding` = sequences ready for their next token."""
         if not prefilling and not decoding:
