@@ -546,8 +546,10 @@ class Engine:
         with self._cv:
             if self._can_admit():
                 return  # a prompt to admit or prefill: the scheduler decides
-            stepped = {id(s) for s in seqs}
-            others = [s for s in self._seqs if id(s) not in stepped]
+            others = []  # sequences outside this step (a decode step usually holds them all)
+            if len(self._seqs) != len(seqs):
+                stepped = {id(s) for s in seqs}
+                others = [s for s in self._seqs if id(s) not in stepped]
             if any(s.prefill_remaining > 0 or s.last_token < 0 or s.handle.cancelled or not s.handle._has_room()
                    for s in others):
                 return  # a prompt still prefilling, or a paused or cancelled sequence: the scheduler decides

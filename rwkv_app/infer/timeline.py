@@ -2,7 +2,7 @@
 GPU when each step ran on the device.
 
 Off unless the environment variable `RWKV_ENGINE_TRACE` names a directory; then each engine writes
-`<dir>/<engine name>.trace.json` when it stops (and `write()` does it on demand). Two tracks:
+`<dir>/<engine name>.trace.json` when it stops (and `write()` does it on demand). Three tracks:
 
 - "host": the worker thread's spans: `admit` (requests taking slots), `prefill` and `decode` (launching a step),
   `wait` (blocked until the step's sampled tokens reach the host), `emit` (detokenizing and delivering them) and
