@@ -1,5 +1,6 @@
-"""Few-row GEMMs as the batched decode step runs them: cuBLAS (`F.linear`), cuBLASLt, and a split-K Triton kernel
-(below) over a sweep of tilings. Every variant is timed as a CUDA graph of `--calls` products
+"""Few-row GEMMs as the batched decode step runs them: cuBLAS (`F.linear`), cuBLASLt, each with the weight stored as
+nn.Linear keeps it ([out, in], "oi") and input-major ([in, out], "io": the same matrix, transposed in memory), and a
+split-K Triton kernel (below) over a sweep of tilings. Every variant is timed as a CUDA graph of `--calls` products
 over as many weight copies as it takes to spill the L2 (so the weights stream from HBM, as in a real step), and
 checked against an fp32 product first. Prints µs per product and the weight bandwidth in TB/s.
 
@@ -132,6 +133,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--calls", type=int, default=64)
     ap.add_argument("--top", type=int, default=5, help="tilings to print per case")
+    ap.add_argument("--no-splitk", action="store_true", help="time the cuBLAS variants only")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -145,24 +147,30 @@ def main(argv=None) -> int:
         K, N = SHAPES[name]
         copies = max(2, -(-2 * L2_BYTES // (K * N * 2)))
         weights = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        # the same matrices stored [in, out]: logically still [N, K], so F.linear is unchanged and cuBLAS gets the
+        # other transpose case
+        input_major = [w.t().contiguous().t() for w in weights]
         for M in (int(m) for m in args.rows.split(",")):
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
             want = x.float() @ weights[0].float().t()
             scale = want.abs().max().item()
-            it = itertools.cycle(weights)
             row = {"shape": name, "K": K, "N": N, "M": M}
 
-            def timed(fn):
+            def timed(fn, stored=weights):
+                it = itertools.cycle(stored)
                 return graph_time_us(lambda: fn(next(it)), args.calls)
 
-            row["cublas_us"] = timed(lambda w: F.linear(x, w))
-            try:
-                torch.backends.cuda.preferred_blas_library("cublaslt")
-                row["cublaslt_us"] = timed(lambda w: F.linear(x, w))
-            finally:
-                torch.backends.cuda.preferred_blas_library("cublas")
+            for layout, stored in (("", weights), ("_io", input_major)):
+                err = (F.linear(x, stored[0]).float() - want).abs().max().item() / scale
+                assert err < 1e-2, f"{name} M={M} layout {layout or 'oi'}: error {err:.2e}"
+                row[f"cublas{layout}_us"] = timed(lambda w: F.linear(x, w), stored)
+                try:
+                    torch.backends.cuda.preferred_blas_library("cublaslt")
+                    row[f"cublaslt{layout}_us"] = timed(lambda w: F.linear(x, w), stored)
+                finally:
+                    torch.backends.cuda.preferred_blas_library("cublas")
             found = []
-            for t in tilings(M, K, N, sms):
+            for t in [] if args.no_splitk else tilings(M, K, N, sms):
                 try:
                     err = (linear(x, weights[0], t).float() - want).abs().max().item() / scale
                     if err > 1e-2:
@@ -177,7 +185,9 @@ def main(argv=None) -> int:
             found.sort(key=lambda f: f[0])
             gb = K * N * 2 / 1e9
             print(f"{name} (K {K}, N {N}) M={M}: cuBLAS {row['cublas_us']:.1f} us ({gb / row['cublas_us'] * 1e3:.2f} "
-                  f"TB/s), cuBLASLt {row['cublaslt_us']:.1f} us")
+                  f"TB/s), cuBLASLt {row['cublaslt_us']:.1f} us; input-major: cuBLAS {row['cublas_io_us']:.1f} us "
+                  f"({gb / row['cublas_io_us'] * 1e3:.2f} TB/s), cuBLASLt {row['cublaslt_io_us']:.1f} us "
+                  f"({gb / row['cublaslt_io_us'] * 1e3:.2f} TB/s)")
             for us_p, us_f, t in found[:args.top]:
                 print(f"    split-K {us_p:7.1f} us ({gb / us_p * 1e3:.2f} TB/s), with sum+cast {us_f:7.1f}  {tuple(t)}")
             row["splitk"] = [{"partials_us": p, "with_sum_us": f, "tiling": list(t)} for p, f, t in found]
