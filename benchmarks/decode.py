@@ -270,29 +270,14 @@ def bench_prefill(model, cfg, device, dtype, batch: int, length: int, steps: int
         model.compile_serving = False
 
 
-def set_layout(model: RWKV7, layout: str) -> None:
-    """Weights as nn.Linear keeps them ("oi", [out, in]) or re-laid input-major ("io")."""
-    if layout == "io":
-        model.store_projections_input_major()
-    else:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.data = module.weight.data.contiguous()
-
-
-def warm_up_time(model, layouts: list[str]) -> float:
-    """Seconds `warm_up_serving` takes from a clean compiler cache: the compile an engine pays at load (for the first
-    layout; each further layout gets its own graphs, compiled the same way, untimed)."""
+def warm_up_time(model) -> float:
+    """Seconds `warm_up_serving` takes from a clean compiler cache: the compile an engine pays at load."""
     torch._dynamo.reset()
     model.compile_serving = True
-    took = []
-    for layout in layouts:
-        set_layout(model, layout)
-        t0 = time.perf_counter()
-        model.warm_up_serving()
-        took.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    model.warm_up_serving()
     model.compile_serving = False
-    return took[0]
+    return time.perf_counter() - t0
 
 
 def inductor_options(pairs: list[str]) -> Optional[dict]:
@@ -335,10 +320,6 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="list the kernels of one graph replay per batch and of each prefill")
     ap.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
                     help="an inductor option for the compiled serving maths (repeatable), e.g. max_autotune=true")
-    ap.add_argument("--layouts", default="oi",
-                    help="weight layouts to time the decode steps in, alternating (oi = nn.Linear's [out, in]; io = "
-                         "[in, out] in memory, RWKV7.store_projections_input_major), e.g. oi,io")
-    ap.add_argument("--rounds", type=int, default=1, help="rounds over --layouts per batch size")
     ap.add_argument("--blas", choices=("cublas", "cublaslt"), default="cublaslt",
                     help="torch.backends.cuda.preferred_blas_library (default: rwkv-infer's choice)")
     args = ap.parse_args(argv)
@@ -376,23 +357,16 @@ def main(argv=None) -> int:
         rows, prefill = [], []
         results["models"][name] = entry = {"decode": rows, "prefill": prefill, "params": cfg.num_parameters}
         print(f"\n{name}: L{cfg.n_layer} C{cfg.n_embd} V{cfg.vocab_size} ({cfg.num_parameters / 1e9:.2f}B params)")
-        layouts = args.layouts.split(",")
         if True in variants:  # one model per process, as in a server: its own compiled graphs, made at load
-            entry["warm_up_s"] = warm_up_time(model, layouts)
+            entry["warm_up_s"] = warm_up_time(model)
             print(f"compile at load (warm_up_serving): {entry['warm_up_s']:.1f} s"
                   f"{'  compile error: ' + rwkv7._compiled.error if rwkv7._compiled.error else ''}")
         print(f"{'batch':>6} {'model':>9} {'graph':>9} {'compiled':>9} {'engine':>9}   tok/s; err graph / compiled")
         for b in batches:
             if over():
                 break
-            for layout in layouts * args.rounds:
-                set_layout(model, layout)
-                row = bench_step(model, cfg, device, dtype, b, args.steps, variants, args.profile)
-                row["layout"] = layout
-                rows.append(row)
-                if len(layouts) > 1:
-                    print(f"{b:>6} {layout}: compiled graph {row.get('compiled_tok_s', float('nan')):,.0f} tok/s, "
-                          f"graph {row.get('graph_tok_s', float('nan')):,.0f}", flush=True)
+            row = bench_step(model, cfg, device, dtype, b, args.steps, variants, args.profile)
+            rows.append(row)
             use_compiled = row.get("compiled_tok_s", 0) > row.get("graph_tok_s", 0) and not row.get("compile_error")
             if not args.no_engine and not over():
                 try:

@@ -607,16 +607,6 @@ class RWKV7(nn.Module):
         return self._serving_cache[1]
 
     @torch.no_grad()
-    def store_projections_input_major(self) -> None:
-        """Re-lay every nn.Linear weight (the r/k/v/output and FFN projections, the head) as [in, out] in memory.
-        Shapes, values and every result stay the same; the products `x @ W.t()` just reach cuBLAS as a plain
-        [M, K] @ [K, N], for which it picks faster few-row kernels (benchmarks/gemm.py). For serving: safetensors
-        saves only contiguous tensors, so a model re-laid this way is not for saving."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and module.weight.is_contiguous():
-                module.weight.data = module.weight.data.t().contiguous().t()
-
-    @torch.no_grad()
     def warm_up_serving(self, batch: int = 32, chunk: int = 256) -> None:
         """Compile the serving maths now, when `compile_serving` is on, for each kind of call `prefill` and
         `decode_step` will get: one token, one token for each of several sequences, several tokens of one sequence,
