@@ -270,14 +270,19 @@ def bench_prefill(model, cfg, device, dtype, batch: int, length: int, steps: int
         model.compile_serving = False
 
 
-def warm_up_time(model) -> float:
-    """Seconds `warm_up_serving` takes from a clean compiler cache: the compile an engine pays at load."""
+def warm_up_time(model, overlaps: list[str]) -> float:
+    """Seconds `warm_up_serving` takes from a clean compiler cache: the compile an engine pays at load (for the first
+    --overlap setting; each further one compiles its own functions after it, untimed)."""
     torch._dynamo.reset()
     model.compile_serving = True
-    t0 = time.perf_counter()
-    model.warm_up_serving()
+    took = []
+    for overlap in overlaps:
+        model.overlap_gates = overlap == "on"
+        t0 = time.perf_counter()
+        model.warm_up_serving()
+        took.append(time.perf_counter() - t0)
     model.compile_serving = False
-    return time.perf_counter() - t0
+    return took[0]
 
 
 def inductor_options(pairs: list[str]) -> Optional[dict]:
@@ -320,6 +325,10 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="list the kernels of one graph replay per batch and of each prefill")
     ap.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
                     help="an inductor option for the compiled serving maths (repeatable), e.g. max_autotune=true")
+    ap.add_argument("--overlap", default="off",
+                    help="decode steps with the LoRAs on a second stream (RWKV7.overlap_gates): off, on, or both "
+                         "alternating (off,on)")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds over the --overlap settings per batch size")
     ap.add_argument("--blas", choices=("cublas", "cublaslt"), default="cublaslt",
                     help="torch.backends.cuda.preferred_blas_library (default: rwkv-infer's choice)")
     args = ap.parse_args(argv)
@@ -357,16 +366,23 @@ def main(argv=None) -> int:
         rows, prefill = [], []
         results["models"][name] = entry = {"decode": rows, "prefill": prefill, "params": cfg.num_parameters}
         print(f"\n{name}: L{cfg.n_layer} C{cfg.n_embd} V{cfg.vocab_size} ({cfg.num_parameters / 1e9:.2f}B params)")
+        overlaps = args.overlap.split(",")
         if True in variants:  # one model per process, as in a server: its own compiled graphs, made at load
-            entry["warm_up_s"] = warm_up_time(model)
+            entry["warm_up_s"] = warm_up_time(model, overlaps)
             print(f"compile at load (warm_up_serving): {entry['warm_up_s']:.1f} s"
                   f"{'  compile error: ' + rwkv7._compiled.error if rwkv7._compiled.error else ''}")
         print(f"{'batch':>6} {'model':>9} {'graph':>9} {'compiled':>9} {'engine':>9}   tok/s; err graph / compiled")
         for b in batches:
             if over():
                 break
-            row = bench_step(model, cfg, device, dtype, b, args.steps, variants, args.profile)
-            rows.append(row)
+            for overlap in overlaps * args.rounds:
+                model.overlap_gates = overlap == "on"
+                row = bench_step(model, cfg, device, dtype, b, args.steps, variants, args.profile)
+                row["overlap_gates"] = model.overlap_gates
+                rows.append(row)
+                if len(overlaps) > 1:
+                    print(f"{b:>6} overlap {overlap}: compiled graph {row.get('compiled_tok_s', float('nan')):,.0f} "
+                          f"tok/s, graph {row.get('graph_tok_s', float('nan')):,.0f}", flush=True)
             use_compiled = row.get("compiled_tok_s", 0) > row.get("graph_tok_s", 0) and not row.get("compile_error")
             if not args.no_engine and not over():
                 try:

@@ -133,7 +133,7 @@ def test_a_failing_compiler_falls_back_to_the_eager_maths(monkeypatch, caplog):
     assert torch.equal(got, want)
     assert rwkv7_module._compiled.error == "RuntimeError: inductor is not available here"
     assert "running eagerly" in caplog.text
-    assert model._serving_maths() == (rwkv7_module._mix_in, rwkv7_module._block_out)
+    assert model._serving_maths() is rwkv7_module.EAGER_SERVING
 
 
 @pytest.mark.parametrize("head_size,slot", [(16, 4), (32, 0), (64, 2)])
@@ -261,14 +261,16 @@ def test_a_stop_string_met_while_the_next_step_runs_changes_nothing_for_the_othe
 
 
 @cuda
-@pytest.mark.parametrize("compiled,rows", [(False, [4, 0, 2]), (True, [4, 0, 2]), (True, [3])])
-def test_cuda_serving_matches_forward_with_graphs(compiled, rows):
+@pytest.mark.parametrize("compiled,rows,overlap", [(False, [4, 0, 2], False), (True, [4, 0, 2], False),
+                                                   (True, [3], False), (False, [4, 0, 2], True), (True, [4, 0, 2], True)])
+def test_cuda_serving_matches_forward_with_graphs(compiled, rows, overlap):
     from rwkv_app.infer.cudagraph import GraphedDecode
 
     dev = torch.device("cuda")
     exact = tiny_model(64, seed=12).to(dev)  # fp32: the truth both bf16 paths are measured against
     model = tiny_model(64, seed=12).to(dev, torch.bfloat16)
     model.compile_serving = compiled  # one row: the compiled step takes the sum form
+    model.overlap_gates = overlap  # the LoRAs on a second stream, in the graph as a fork and a join
     B, S = len(rows), 6
     slots = torch.tensor(rows, device=dev)
     seqs = torch.randint(1, VOCAB, (B, 12), generator=torch.Generator().manual_seed(13)).to(dev)

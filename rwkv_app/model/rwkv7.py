@@ -13,9 +13,10 @@ Three entry points:
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -382,25 +383,36 @@ def _by_sum(x: torch.Tensor) -> bool:
     return x.shape[0] * x.shape[1] == 1 and torch.compiler.is_compiling()
 
 
-def _mix_in(lw: ServingWeights, x: torch.Tensor, att_prev: torch.Tensor, v_first: Optional[torch.Tensor]):
-    """A block's input x [B, T, C] -> (x after ln0, h = ln1(x), r, w, k, v, a, b, g, v_first), all [B, T, C]:
-    the six WKV inputs (w the raw decay, a = kk, b = -kk * a_gate: see below) and what `_block_out` needs."""
+def _mix_inputs(lw: ServingWeights, x: torch.Tensor, att_prev: torch.Tensor):
+    """A block's input x [B, T, C] -> (x after ln0, h = ln1(x), xs [6, BT, C]: the six token-shift mixes)."""
     B, T, C = x.shape
-    H, N = lw.r_k.shape
-    by_sum = _by_sum(x)
     if lw.ln0 is not None:
         x = F.layer_norm(x, (C,), *lw.ln0, eps=LN_EPS)
     h = F.layer_norm(x, (C,), lw.ln1_w, lw.ln1_b, eps=LN_EPS)
-    xs = torch.lerp(h, _shifted(h, att_prev), lw.mix).view(6, B * T, C)   # h + (shifted - h) * x_*
+    return x, h, torch.lerp(h, _shifted(h, att_prev), lw.mix).view(6, B * T, C)   # h + (shifted - h) * x_*
+
+
+def _mix_gates(lw: ServingWeights, xs: torch.Tensor, by_sum: bool = False):
+    """The LoRAs, from the mixes xs: (lora [3, BT, C] = raw decay w, in-context rate a, value gate; g [BT, C])."""
     lora = _mm(xs[:3], lw.lora_down, by_sum=by_sum)                        # [3, BT, D]
     lora[0].tanh_()
     lora = _mm(lora, lw.lora_up, lw.lora_bias, by_sum=by_sum)              # [3, BT, C]: w0 + .., a0 + .., v0 + ..
     lora[1:].sigmoid_()
-    w, a, v_gate = lora.unbind(0)                                          # raw decay, in-context rate, v mix
-    g = _mm(torch.sigmoid(_mm(xs[3], lw.g1, by_sum=by_sum)), lw.g2, by_sum=by_sum)
-    r = _mm(xs[4], lw.receptance.t(), by_sum=by_sum)
-    k = _mm(xs[5], lw.key.t(), by_sum=by_sum)
-    v = _mm(xs[2], lw.value.t(), by_sum=by_sum)
+    return lora, _mm(torch.sigmoid(_mm(xs[3], lw.g1, by_sum=by_sum)), lw.g2, by_sum=by_sum)
+
+
+def _mix_projections(lw: ServingWeights, xs: torch.Tensor, by_sum: bool = False):
+    """r, k, v [BT, C] from the mixes xs."""
+    return (_mm(xs[4], lw.receptance.t(), by_sum=by_sum), _mm(xs[5], lw.key.t(), by_sum=by_sum),
+            _mm(xs[2], lw.value.t(), by_sum=by_sum))
+
+
+def _wkv_inputs(lw: ServingWeights, x: torch.Tensor, h: torch.Tensor, lora: torch.Tensor, g: torch.Tensor,
+                r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_first: Optional[torch.Tensor]):
+    """The projections -> `_mix_in`'s result."""
+    B, T, C = x.shape
+    H, N = lw.r_k.shape
+    w, a, v_gate = lora.unbind(0)
     if v_first is None:
         v_first = v.view(B, T, C)
     else:
@@ -412,6 +424,31 @@ def _mix_in(lw: ServingWeights, x: torch.Tensor, att_prev: torch.Tensor, v_first
     b = torch.addcmul(lw.zero, kk, a.view(B * T, H, N), value=-1)
     seq = lambda t: t.view(B, T, C)  # noqa: E731
     return x, h, seq(r), seq(w), seq(k), seq(v), seq(kk), seq(b), seq(g), v_first
+
+
+def _mix_in(lw: ServingWeights, x: torch.Tensor, att_prev: torch.Tensor, v_first: Optional[torch.Tensor]):
+    """A block's input x [B, T, C] -> (x after ln0, h = ln1(x), r, w, k, v, a, b, g, v_first), all [B, T, C]:
+    the six WKV inputs (w the raw decay, a = kk, b = -kk * a_gate) and what `_block_out` needs."""
+    by_sum = _by_sum(x)
+    x, h, xs = _mix_inputs(lw, x, att_prev)
+    lora, g = _mix_gates(lw, xs, by_sum)
+    return _wkv_inputs(lw, x, h, lora, g, *_mix_projections(lw, xs, by_sum), v_first)
+
+
+def _mix_in_overlapped(maths, side: torch.cuda.Stream, lw: ServingWeights, x: torch.Tensor,
+                       att_prev: torch.Tensor, v_first: Optional[torch.Tensor]):
+    """`_mix_in` with the LoRAs on the stream `side`, beside the r/k/v projections: at a few rows their small
+    GEMMs and activations are latency-bound and can hide behind the projections' weight streaming. Several rows
+    only (the one-row sum form fuses the LoRAs into their neighbours instead)."""
+    x, h, xs = maths.mix_inputs(lw, x, att_prev)
+    main = torch.cuda.current_stream(x.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        # allocations on `side` are reused there only after its next wait on `main`, by when main has read them
+        lora, g = maths.mix_gates(lw, xs)
+    r, k, v = _mix_projections(lw, xs)
+    main.wait_stream(side)
+    return maths.wkv_inputs(lw, x, h, lora, g, r, k, v, v_first)
 
 
 def _block_out(lw: ServingWeights, x: torch.Tensor, y: torch.Tensor, r: torch.Tensor, k: torch.Tensor,
@@ -432,44 +469,51 @@ def _block_out(lw: ServingWeights, x: torch.Tensor, y: torch.Tensor, r: torch.Te
     return x.view(B, T, C), h2
 
 
+class ServingMaths(NamedTuple):
+    """The serving paths' block functions: `mix_in` and `block_out` around the WKV op, and the pieces of `mix_in`
+    that `_mix_in_overlapped` runs on two streams."""
+
+    mix_in: Callable
+    block_out: Callable
+    mix_inputs: Callable
+    mix_gates: Callable
+    wkv_inputs: Callable
+
+
+EAGER_SERVING = ServingMaths(_mix_in, _block_out, _mix_inputs, _mix_gates, _wkv_inputs)
+
+
 class _Compiled:
-    """`torch.compile`d `_mix_in` / `_block_out`, made on first use; `error` says why compiling failed (then every
-    caller uses the eager functions: a failure costs speed, never a request). `options` go to inductor as they are
-    (benchmarks try settings with them)."""
+    """`torch.compile`d serving functions (`EAGER_SERVING`'s), each made on first use; `error` says why compiling
+    failed (then every caller uses the eager functions: a failure costs speed, never a request). `options` go to
+    inductor as they are (benchmarks try settings with them)."""
 
     def __init__(self, options: Optional[dict] = None):
         self.options = options
         self.error: Optional[str] = None
-        self._fns: Optional[tuple] = None
+        self._fns: dict[str, Callable] = {}
         self._lock = threading.Lock()  # Dynamo compiles are not thread-safe; engines run on their own threads
+        self.maths = ServingMaths(*(functools.partial(self._run, name) for name in ServingMaths._fields))
 
-    def _get(self):
-        if self._fns is None:
-            import torch._dynamo
-
-            # a graph per kind of call (one token | tokens [1, T] | rows [B, 1] | [B, T], sizes past 1 dynamic from
-            # their second value on: `RWKV7.warm_up_serving`) x (block 0 or not, `_mix_in` only) x model shape
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self._fns = tuple(torch.compile(fn, fullgraph=True, options=self.options) for fn in (_mix_in, _block_out))
-        return self._fns
-
-    def _run(self, which: int, eager, *args):
+    def _run(self, name: str, *args):
         if self.error is None:
             try:
                 with self._lock:
-                    return self._get()[which](*args)
+                    if name not in self._fns:
+                        import torch._dynamo
+
+                        # a graph per kind of call (one token | tokens [1, T] | rows [B, 1] | [B, T], sizes past 1
+                        # dynamic from their second value on: `RWKV7.warm_up_serving`) x (block 0 or not) x shape
+                        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+                        self._fns[name] = torch.compile(getattr(EAGER_SERVING, name), fullgraph=True,
+                                                        options=self.options)
+                    return self._fns[name](*args)
             except torch.OutOfMemoryError:
                 raise
             except Exception as e:  # noqa: BLE001  (any compiler failure: serve eagerly)
                 self.error = f"{type(e).__name__}: {e}".splitlines()[0][:500]
                 log.warning("torch.compile of the serving maths failed, running eagerly: %s", self.error)
-        return eager(*args)
-
-    def mix_in(self, *args):
-        return self._run(0, _mix_in, *args)
-
-    def block_out(self, *args):
-        return self._run(1, _block_out, *args)
+        return getattr(EAGER_SERVING, name)(*args)
 
 
 _compiled = _Compiled()
@@ -484,6 +528,8 @@ class RWKV7(nn.Module):
         self._blocks_compiled = False  # `compile_blocks` was called
         self.compile_serving = False  # prefill / decode_step: torch.compile the per-block maths (worth it on CUDA)
         self._serving_cache: Optional[tuple] = None  # (weight versions, [ServingWeights]) for the serving paths
+        self.overlap_gates = False  # decode steps of several rows: the LoRAs on a second CUDA stream (`_mix_in_overlapped`)
+        self._side_stream: Optional[torch.cuda.Stream] = None
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
@@ -556,18 +602,18 @@ class RWKV7(nn.Module):
         token [B, V]."""
         B, T = tokens.shape
         H, N = self.cfg.num_heads, self.cfg.head_dim
-        mix_in, block_out = self._serving_maths()
+        maths = self._serving_maths()
         att_prev = state.att_shift.index_select(1, slots)                 # [L, B, C]
         ffn_prev = state.ffn_shift.index_select(1, slots)
         x, v_first = self.emb(tokens), None                                # [B, T, C]
         att_last, ffn_last = [], []
         for i, lw in enumerate(self._serving_weights()):
-            x, h, r, w, k, v, a, b, g, v_first = mix_in(lw, x, att_prev[i], v_first)
+            x, h, r, w, k, v, a, b, g, v_first = maths.mix_in(lw, x, att_prev[i], v_first)
             wkv = state.wkv[i].index_select(0, slots)                      # private rows: the kernel works in place
             y = wkv7_inference(*(t.view(B, T, H, N) for t in (r, w, k, v, a, b)), wkv)
             state.wkv[i].index_copy_(0, slots, wkv)
             # one layout whatever the WKV implementation returned: compiled graphs are traced for given strides
-            x, h2 = block_out(lw, x, y.contiguous(), r, k, v, g, ffn_prev[i])
+            x, h2 = maths.block_out(lw, x, y.contiguous(), r, k, v, g, ffn_prev[i])
             att_last.append(h[:, -1])
             ffn_last.append(h2[:, -1])
         state.att_shift.index_copy_(1, slots, torch.stack(att_last))
@@ -579,7 +625,8 @@ class RWKV7(nn.Module):
         """One token per sequence: tokens [B] for state rows `slots` (distinct; updated in place) -> logits [B, V]."""
         B = tokens.shape[0]
         H, N = self.cfg.num_heads, self.cfg.head_dim
-        mix_in, block_out = self._serving_maths()
+        maths = self._serving_maths()
+        mix_in = self._decode_mix_in(maths, B)
         # one gather and one scatter per shift table for the whole step, not two per layer
         att_prev = state.att_shift.index_select(1, slots)                 # [L, B, C]
         ffn_prev = state.ffn_shift.index_select(1, slots)
@@ -588,7 +635,7 @@ class RWKV7(nn.Module):
         for i, lw in enumerate(self._serving_weights()):
             x, h, r, w, k, v, a, b, g, v_first = mix_in(lw, x, att_prev[i], v_first)
             y = wkv7_decode(state.wkv[i], slots, *(t.view(B, H, N) for t in (r, w, k, v, a, b)))
-            x, h2 = block_out(lw, x, y.view(B, 1, H, N), r, k, v, g, ffn_prev[i])
+            x, h2 = maths.block_out(lw, x, y.view(B, 1, H, N), r, k, v, g, ffn_prev[i])
             att_last.append(h[:, 0])
             ffn_last.append(h2[:, 0])
         state.att_shift.index_copy_(1, slots, torch.stack(att_last))
@@ -624,12 +671,23 @@ class RWKV7(nn.Module):
             tokens = torch.zeros(batch, chunk, dtype=torch.long, device=self.device)
             self.decode_step(tokens[:1, 0], state, rows[:1])
             self.decode_step(tokens[:, 0], state, rows)
+            # a second size, for functions that never saw one row (`overlap_gates`): their dynamic graph, tuned here
+            self.decode_step(tokens[:-1, 0], state, rows[:-1])
             self.prefill(tokens[:1], state, rows[:1])
             self.prefill(tokens[:4], state, rows[:4])
 
-    def _serving_maths(self):
-        """The two halves of a block for `prefill` and `decode_step`: `torch.compile`d when `compile_serving` is on
-        (the engine sets it on CUDA only) and compiling has not failed; plain eager PyTorch otherwise."""
+    def _serving_maths(self) -> ServingMaths:
+        """The block functions for `prefill` and `decode_step`: `torch.compile`d when `compile_serving` is on (the
+        engine sets it on CUDA only) and compiling has not failed; plain eager PyTorch otherwise."""
         if self.compile_serving and _compiled.error is None:
-            return _compiled.mix_in, _compiled.block_out
-        return _mix_in, _block_out
+            return _compiled.maths
+        return EAGER_SERVING
+
+    def _decode_mix_in(self, maths: ServingMaths, rows: int) -> Callable:
+        """`mix_in` for a decode step of `rows` sequences: with `overlap_gates`, on CUDA and several rows, the LoRAs
+        run on a second stream beside the r/k/v projections."""
+        if not (self.overlap_gates and rows > 1 and self.device.type == "cuda"):
+            return maths.mix_in
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        return functools.partial(_mix_in_overlapped, maths, self._side_stream)
