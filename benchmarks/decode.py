@@ -325,9 +325,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="list the kernels of one graph replay per batch and of each prefill")
     ap.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
                     help="an inductor option for the compiled serving maths (repeatable), e.g. max_autotune=true")
-    ap.add_argument("--overlap", default="off",
-                    help="decode steps with the LoRAs on a second stream (RWKV7.overlap_gates): off, on, or both "
-                         "alternating (off,on)")
+    ap.add_argument("--overlap", default="on",
+                    help="decode steps with the LoRAs on a second stream (RWKV7.overlap_gates, on in rwkv-infer): "
+                         "off, on, or both alternating (off,on)")
     ap.add_argument("--rounds", type=int, default=1, help="rounds over the --overlap settings per batch size")
     ap.add_argument("--blas", choices=("cublas", "cublaslt"), default="cublaslt",
                     help="torch.backends.cuda.preferred_blas_library (default: rwkv-infer's choice)")

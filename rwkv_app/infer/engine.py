@@ -228,6 +228,7 @@ class Engine:
         self.scheduler = Scheduler(paragraph_len, decode_first, max(1, PREFILL_STATE_BYTES // per_seq))
         on_gpu = self.device.type == "cuda"
         model.compile_serving = torch_compile and on_gpu  # torch.compile of the prefill / decode block maths
+        model.overlap_gates = on_gpu  # a decode step's LoRAs beside its r/k/v projections (+3% at 7.2B batch 128)
         self._graphs = self._prefill_graphs = None
         if cuda_graphs and on_gpu:
             from rwkv_app.infer.cudagraph import GraphedDecode, GraphedPrefill
