@@ -88,10 +88,10 @@ class Timeline:
                 yield
             return
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        with self.span(name, **args):
+        with self.span(name, **args):  # the events inside the host span: the device work cannot start before it
+            start.record()
             yield
-        end.record()
+            end.record()
         self._pending.append((name, start, end, args))
         if len(self._pending) > PENDING:  # read back what has run, so a long trace holds few live CUDA events
             self._read_back(wait=False)

@@ -673,6 +673,9 @@ class RWKV7(nn.Module):
             self.decode_step(tokens[:, 0], state, rows)
             # a second size, for functions that never saw one row (`overlap_gates`): their dynamic graph, tuned here
             self.decode_step(tokens[:-1, 0], state, rows[:-1])
+            # one token of several rows as a prefill chunk: the decode step's kind of call, which with
+            # `overlap_gates` the decode steps above did not make through `_mix_in`
+            self.prefill(tokens[:, :1], state, rows)
             self.prefill(tokens[:1], state, rows[:1])
             self.prefill(tokens[:4], state, rows[:4])
 
