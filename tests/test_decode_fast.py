@@ -264,8 +264,9 @@ def test_a_stop_string_met_while_the_next_step_runs_changes_nothing_for_the_othe
 
 
 @cuda
-@pytest.mark.parametrize("compiled,rows,overlap", [(False, [4, 0, 2], False), (True, [4, 0, 2], False),
-                                                   (True, [3], False), (False, [4, 0, 2], True), (True, [4, 0, 2], True)])
+@pytest.mark.parametrize("compiled,rows,overlap", [
+    (False, [4, 0, 2], False), (True, [4, 0, 2], False), (True, [3], False), (False, [4, 0, 2], True),
+    (True, [4, 0, 2], True)])
 def test_cuda_serving_matches_forward_with_graphs(compiled, rows, overlap):
     from rwkv_app.infer.cudagraph import GraphedDecode
 

@@ -528,7 +528,7 @@ class RWKV7(nn.Module):
         self._blocks_compiled = False  # `compile_blocks` was called
         self.compile_serving = False  # prefill / decode_step: torch.compile the per-block maths (worth it on CUDA)
         self._serving_cache: Optional[tuple] = None  # (weight versions, [ServingWeights]) for the serving paths
-        self.overlap_gates = False  # decode steps of several rows: the LoRAs on a second CUDA stream (`_mix_in_overlapped`)
+        self.overlap_gates = False  # decode steps of several rows: the LoRAs on a second CUDA stream (engines: on GPU)
         self._side_stream: Optional[torch.cuda.Stream] = None
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
