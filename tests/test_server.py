@@ -534,6 +534,8 @@ def test_sigterm_drains_in_flight_and_refuses_new(tmp_path):
             events += _sse(lines)
         assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 600
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has drained
+        log = (tmp_path / "server.log").read_text()
+        assert "model `tiny`: " in log and "loaded onto cpu in" in log and "ready on cpu" in log  # what a load took
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -87,6 +87,10 @@ class GraphedDecode:
     def disabled(self) -> Optional[str]:
         return self._captures.disabled
 
+    @property
+    def captured(self) -> int:
+        return len(self._captures.graphs)
+
     def capture_all(self) -> None:
         """Capture every bucket now (at load time) rather than on the first batch of each size."""
         for b in self.buckets:
@@ -159,6 +163,10 @@ class GraphedPrefill:
     @property
     def disabled(self) -> Optional[str]:
         return self._captures.disabled
+
+    @property
+    def captured(self) -> int:
+        return len(self._captures.graphs)
 
     def capture_all(self, max_len: int) -> None:
         """Capture now (at load time) every graph a chunk of up to `max_len` tokens can use, so that no request waits

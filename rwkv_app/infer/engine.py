@@ -342,10 +342,16 @@ class Engine:
         try:
             with torch.inference_mode(), _on_device(self.device):
                 self.timeline = Timeline.from_env(self.name, self.device)
+                started = time.perf_counter()
                 self.model.warm_up_serving()  # compiles (when on) before the first request, as the captures below
+                if self.model.compile_serving:  # the slow part of a load on a GPU (about a minute for a 7B, cold)
+                    log.info("engine %s: serving maths compiled in %.1f s", self.name, time.perf_counter() - started)
                 if self._graphs is not None:  # before the first request, so no request waits for a capture
+                    started = time.perf_counter()
                     self._graphs.capture_all()
                     self._prefill_graphs.capture_all(self.scheduler.paragraph_len)
+                    log.info("engine %s: %d decode and %d prefill CUDA graphs captured in %.1f s", self.name,
+                             self._graphs.captured, self._prefill_graphs.captured, time.perf_counter() - started)
                 while self._iterate():
                     pass
         except Exception as e:  # a bug or a device failure: report it, end every request, refuse new ones

@@ -103,10 +103,13 @@ class ServedModel:
         engines: list[Engine] = []
         try:
             for i, device in enumerate(devices):
+                started = time.perf_counter()
                 try:
                     model = load_model(entry.weights_path, device, dtype, expect=entry.arch)
                 except UserError as e:
                     raise UserError(f"model `{entry.model_name}`: {e}") from None
+                log.info("model `%s`: %s loaded onto %s in %.1f s", entry.model_name, entry.weights_path, device,
+                         time.perf_counter() - started)
                 model.eval()
                 engine = Engine(model, entry.arch, tokenizer, max_batch_size=entry.max_batch_size,
                                 max_context_len=entry.max_context_len, paragraph_len=entry.paragraph_len,
@@ -118,6 +121,8 @@ class ServedModel:
                     engine.generate([0], 1, timeout=SMOKE_TIMEOUT_S)
                 except Exception as e:
                     raise UserError(f"model `{entry.model_name}`: smoke test on {device} failed: {e}") from None
+                log.info("model `%s`: ready on %s, %.1f s after its load began", entry.model_name, device,
+                         time.perf_counter() - started)
         except BaseException:
             for engine in engines:
                 engine.close(timeout=0)
