@@ -307,3 +307,45 @@ def test_metrics_text_format():
     assert 'lat_seconds_bucket{model="a",le="0.1"} 1' in text and 'lat_seconds_bucket{model="a",le="+Inf"} 2' in text
     assert 'lat_seconds_count{model="a"} 2' in text and 'depth{model="a"} 3' in text
     assert "# TYPE x_total counter" in text and "# TYPE lat_seconds histogram" in text
+
+
+def test_freezing_after_a_reload_collects_even_while_another_collection_is_under_way():
+    # gc.collect() does nothing while another thread's collection is paused in a finalizer; a freeze right after it
+    # would keep the garbage it missed (a retired model's weights) for good. freeze_long_lived waits its turn.
+    import gc
+    import threading
+    import weakref
+
+    from rwkv_app.infer.registry import freeze_long_lived
+
+    inside, release = threading.Event(), threading.Event()
+
+    class SlowToFinalize:
+        def __del__(self):  # runs inside the other thread's collection, letting this thread run meanwhile
+            inside.set()
+            release.wait(10)
+
+    class Garbage:
+        pass
+
+    def collect_slowly():
+        slow = SlowToFinalize()
+        slow.cycle = slow
+        del slow
+        gc.collect()
+
+    other = threading.Thread(target=collect_slowly)
+    other.start()
+    try:
+        assert inside.wait(10)
+        garbage = Garbage()
+        garbage.cycle = garbage  # only the cyclic collector can free it
+        freed = weakref.ref(garbage)
+        del garbage
+        threading.Timer(0.3, release.set).start()
+        freeze_long_lived()
+        assert freed() is None
+    finally:
+        release.set()
+        other.join()
+        gc.unfreeze()
