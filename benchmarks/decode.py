@@ -332,6 +332,9 @@ def main(argv=None) -> int:
     ap.add_argument("--blas", choices=("cublas", "cublaslt"), default="cublaslt",
                     help="torch.backends.cuda.preferred_blas_library (default: rwkv-infer's choice)")
     args = ap.parse_args(argv)
+    overlaps = args.overlap.split(",")
+    if not set(overlaps) <= {"on", "off"}:
+        ap.error(f"--overlap {args.overlap!r}: expected on, off, or both comma-separated (off,on)")
     if torch.cuda.is_available():
         torch.backends.cuda.preferred_blas_library(args.blas)
     if args.count_ops:
@@ -366,7 +369,6 @@ def main(argv=None) -> int:
         rows, prefill = [], []
         results["models"][name] = entry = {"decode": rows, "prefill": prefill, "params": cfg.num_parameters}
         print(f"\n{name}: L{cfg.n_layer} C{cfg.n_embd} V{cfg.vocab_size} ({cfg.num_parameters / 1e9:.2f}B params)")
-        overlaps = args.overlap.split(",")
         if True in variants:  # one model per process, as in a server: its own compiled graphs, made at load
             entry["warm_up_s"] = warm_up_time(model, overlaps)
             print(f"compile at load (warm_up_serving): {entry['warm_up_s']:.1f} s"

@@ -435,7 +435,7 @@ def _mix_in(lw: ServingWeights, x: torch.Tensor, att_prev: torch.Tensor, v_first
     return _wkv_inputs(lw, x, h, lora, g, *_mix_projections(lw, xs, by_sum), v_first)
 
 
-def _mix_in_overlapped(maths, side: torch.cuda.Stream, lw: ServingWeights, x: torch.Tensor,
+def _mix_in_overlapped(maths: "ServingMaths", side: torch.cuda.Stream, lw: ServingWeights, x: torch.Tensor,
                        att_prev: torch.Tensor, v_first: Optional[torch.Tensor]):
     """`_mix_in` with the LoRAs on the stream `side`, beside the r/k/v projections: at a few rows their small
     GEMMs and activations are latency-bound and can hide behind the projections' weight streaming. Several rows
