@@ -176,7 +176,7 @@ def test_the_warm_up_compiles_every_kind_of_call_serving_makes(monkeypatch, devi
     try:
         model = tiny_model(32, seed=23).to(device)
         model.compile_serving = True
-        model.overlap_gates = overlap  # decode steps of several rows call three other functions
+        model.overlap_gates = overlap  # decode steps of several rows call four other functions
         model.warm_up_serving()
         warmed_up = len(traced)
         assert overlap or warmed_up == 12  # 4 kinds of call x (block 0 or not, for `_mix_in` only)
@@ -274,7 +274,7 @@ def test_cuda_serving_matches_forward_with_graphs(compiled, rows, overlap):
     exact = tiny_model(64, seed=12).to(dev)  # fp32: the truth both bf16 paths are measured against
     model = tiny_model(64, seed=12).to(dev, torch.bfloat16)
     model.compile_serving = compiled  # one row: the compiled step takes the sum form
-    model.overlap_gates = overlap  # the LoRAs on a second stream, in the graph as a fork and a join
+    model.overlap_gates = overlap  # the LoRAs and the gate on a second stream: graph forks and joins
     B, S = len(rows), 6
     slots = torch.tensor(rows, device=dev)
     seqs = torch.randint(1, VOCAB, (B, 12), generator=torch.Generator().manual_seed(13)).to(dev)

@@ -392,13 +392,17 @@ def _mix_inputs(lw: ServingWeights, x: torch.Tensor, att_prev: torch.Tensor):
     return x, h, torch.lerp(h, _shifted(h, att_prev), lw.mix).view(6, B * T, C)   # h + (shifted - h) * x_*
 
 
-def _mix_gates(lw: ServingWeights, xs: torch.Tensor, by_sum: bool = False):
-    """The LoRAs, from the mixes xs: (lora [3, BT, C] = raw decay w, in-context rate a, value gate; g [BT, C])."""
+def _mix_loras(lw: ServingWeights, xs: torch.Tensor, by_sum: bool = False) -> torch.Tensor:
+    """The three LoRAs from the mixes xs, before their biases and activations (`_wkv_inputs` applies those, fused
+    with its other elementwise work): [3, BT, C] for the decay w, the in-context rate a and the value gate."""
     lora = _mm(xs[:3], lw.lora_down, by_sum=by_sum)                        # [3, BT, D]
     lora[0].tanh_()
-    lora = _mm(lora, lw.lora_up, lw.lora_bias, by_sum=by_sum)              # [3, BT, C]: w0 + .., a0 + .., v0 + ..
-    lora[1:].sigmoid_()
-    return lora, _mm(torch.sigmoid(_mm(xs[3], lw.g1, by_sum=by_sum)), lw.g2, by_sum=by_sum)
+    return _mm(lora, lw.lora_up, by_sum=by_sum)
+
+
+def _mix_gate(lw: ServingWeights, xs: torch.Tensor, by_sum: bool = False) -> torch.Tensor:
+    """The output gate g [BT, C] from the mixes xs (its own LoRA); only `_block_out` reads it."""
+    return _mm(torch.sigmoid(_mm(xs[3], lw.g1, by_sum=by_sum)), lw.g2, by_sum=by_sum)
 
 
 def _mix_projections(lw: ServingWeights, xs: torch.Tensor, by_sum: bool = False):
@@ -407,12 +411,13 @@ def _mix_projections(lw: ServingWeights, xs: torch.Tensor, by_sum: bool = False)
             _mm(xs[2], lw.value.t(), by_sum=by_sum))
 
 
-def _wkv_inputs(lw: ServingWeights, x: torch.Tensor, h: torch.Tensor, lora: torch.Tensor, g: torch.Tensor,
-                r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_first: Optional[torch.Tensor]):
-    """The projections -> `_mix_in`'s result."""
+def _wkv_inputs(lw: ServingWeights, x: torch.Tensor, h: torch.Tensor, lora: torch.Tensor, r: torch.Tensor,
+                k: torch.Tensor, v: torch.Tensor, v_first: Optional[torch.Tensor]):
+    """The projections and `_mix_loras`'s output -> `_mix_in`'s result, less the gate g."""
     B, T, C = x.shape
     H, N = lw.r_k.shape
-    w, a, v_gate = lora.unbind(0)
+    w, a, v_gate = (lora + lw.lora_bias).unbind(0)                          # w0 + .., a0 + .., v0 + ..
+    a, v_gate = torch.sigmoid(a), torch.sigmoid(v_gate)
     if v_first is None:
         v_first = v.view(B, T, C)
     else:
@@ -423,7 +428,7 @@ def _wkv_inputs(lw: ServingWeights, x: torch.Tensor, h: torch.Tensor, lora: torc
     # (S (-kk)) (kk a)^T = (S kk) (-(kk a))^T, bit for bit (negation is exact). That saves the negation kernel.
     b = torch.addcmul(lw.zero, kk, a.view(B * T, H, N), value=-1)
     seq = lambda t: t.view(B, T, C)  # noqa: E731
-    return x, h, seq(r), seq(w), seq(k), seq(v), seq(kk), seq(b), seq(g), v_first
+    return x, h, seq(r), seq(w), seq(k), seq(v), seq(kk), seq(b), v_first
 
 
 def _mix_in(lw: ServingWeights, x: torch.Tensor, att_prev: torch.Tensor, v_first: Optional[torch.Tensor]):
@@ -431,24 +436,43 @@ def _mix_in(lw: ServingWeights, x: torch.Tensor, att_prev: torch.Tensor, v_first
     the six WKV inputs (w the raw decay, a = kk, b = -kk * a_gate) and what `_block_out` needs."""
     by_sum = _by_sum(x)
     x, h, xs = _mix_inputs(lw, x, att_prev)
-    lora, g = _mix_gates(lw, xs, by_sum)
-    return _wkv_inputs(lw, x, h, lora, g, *_mix_projections(lw, xs, by_sum), v_first)
+    x, h, r, w, k, v, a, b, v_first = _wkv_inputs(lw, x, h, _mix_loras(lw, xs, by_sum),
+                                                  *_mix_projections(lw, xs, by_sum), v_first)
+    return x, h, r, w, k, v, a, b, _mix_gate(lw, xs, by_sum).view(x.shape), v_first
 
 
-def _mix_in_overlapped(maths: "ServingMaths", side: torch.cuda.Stream, lw: ServingWeights, x: torch.Tensor,
-                       att_prev: torch.Tensor, v_first: Optional[torch.Tensor]):
-    """`_mix_in` with the LoRAs on the stream `side`, beside the r/k/v projections: at a few rows their small
-    GEMMs and activations are latency-bound and can hide behind the projections' weight streaming. Several rows
-    only (the one-row sum form fuses the LoRAs into their neighbours instead)."""
-    x, h, xs = maths.mix_inputs(lw, x, att_prev)
-    main = torch.cuda.current_stream(x.device)
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        # allocations on `side` are reused there only after its next wait on `main`, by when main has read them
-        lora, g = maths.mix_gates(lw, xs)
-    r, k, v = _mix_projections(lw, xs)
-    main.wait_stream(side)
-    return maths.wkv_inputs(lw, x, h, lora, g, r, k, v, v_first)
+class _SideStreamGates:
+    """`_mix_in` for decode steps of several rows on CUDA, with the LoRAs and the output gate on a second stream.
+    At a few rows their small GEMMs and activations are latency-bound: the LoRAs hide behind the r/k/v projections
+    (the WKV inputs wait for them), the gate behind the WKV kernel (only `_block_out` waits for it: call `join`
+    before it). The one-row sum form fuses them into their neighbours instead."""
+
+    def __init__(self, maths: "ServingMaths", side: torch.cuda.Stream):
+        self.maths, self.side = maths, side
+        self._read_on_side: Optional[torch.Tensor] = None
+
+    def mix_in(self, lw: ServingWeights, x: torch.Tensor, att_prev: torch.Tensor, v_first: Optional[torch.Tensor]):
+        maths, side = self.maths, self.side
+        x, h, xs = maths.mix_inputs(lw, x, att_prev)
+        main = torch.cuda.current_stream(x.device)
+        side.wait_stream(main)
+        loras_done = torch.cuda.Event()
+        with torch.cuda.stream(side):
+            # what `side` allocates is reused there only after its next wait on `main`, by when main has read it
+            lora = maths.mix_loras(lw, xs)
+            loras_done.record(side)
+            g = maths.mix_gate(lw, xs)
+        # xs is still read on `side`: held until `join`, so that main cannot reuse its memory before then
+        self._read_on_side = xs
+        r, k, v = _mix_projections(lw, xs)
+        main.wait_event(loras_done)
+        x, h, r, w, k, v, a, b, v_first = maths.wkv_inputs(lw, x, h, lora, r, k, v, v_first)
+        return x, h, r, w, k, v, a, b, g.view(x.shape), v_first
+
+    def join(self) -> None:
+        """Make the current stream wait for the gate (before `_block_out`)."""
+        torch.cuda.current_stream(self.side.device).wait_stream(self.side)
+        self._read_on_side = None
 
 
 def _block_out(lw: ServingWeights, x: torch.Tensor, y: torch.Tensor, r: torch.Tensor, k: torch.Tensor,
@@ -462,7 +486,9 @@ def _block_out(lw: ServingWeights, x: torch.Tensor, y: torch.Tensor, r: torch.Te
     heads = lambda t: t.reshape(B * T, H, N)  # noqa: E731
     bonus = (heads(r * k) * lw.r_k).sum(-1, keepdim=True)                 # [BT, H, 1]: r.k per head
     y = torch.addcmul(heads(y), bonus, heads(v)).view(B * T, C)           # GroupNorm(y) + (r.k) v
-    x = _mm(y * g.reshape(B * T, C), lw.output.t(), x.reshape(B * T, C), by_sum=by_sum)
+    # the residual add is not folded into the product (addmm would first copy x into its output): compiled, it
+    # joins the LayerNorm kernel that reads x anyway
+    x = x.reshape(B * T, C) + _mm(y * g.reshape(B * T, C), lw.output.t(), by_sum=by_sum)
     h2 = F.layer_norm(x, (C,), lw.ln2_w, lw.ln2_b, eps=LN_EPS).view(B, T, C)
     kx = torch.lerp(h2, _shifted(h2, ffn_prev), lw.ffn_mix).view(B * T, C)
     x = _mm(torch.relu(_mm(kx, lw.ffn_key.t(), by_sum=by_sum)).square_(), lw.ffn_value.t(), x, by_sum=by_sum)
@@ -476,11 +502,12 @@ class ServingMaths(NamedTuple):
     mix_in: Callable
     block_out: Callable
     mix_inputs: Callable
-    mix_gates: Callable
+    mix_loras: Callable
+    mix_gate: Callable
     wkv_inputs: Callable
 
 
-EAGER_SERVING = ServingMaths(_mix_in, _block_out, _mix_inputs, _mix_gates, _wkv_inputs)
+EAGER_SERVING = ServingMaths(_mix_in, _block_out, _mix_inputs, _mix_loras, _mix_gate, _wkv_inputs)
 
 
 class _Compiled:
@@ -626,7 +653,7 @@ class RWKV7(nn.Module):
         B = tokens.shape[0]
         H, N = self.cfg.num_heads, self.cfg.head_dim
         maths = self._serving_maths()
-        mix_in = self._decode_mix_in(maths, B)
+        mix_in, join_gate = self._decode_mix_in(maths, B)
         # one gather and one scatter per shift table for the whole step, not two per layer
         att_prev = state.att_shift.index_select(1, slots)                 # [L, B, C]
         ffn_prev = state.ffn_shift.index_select(1, slots)
@@ -635,6 +662,7 @@ class RWKV7(nn.Module):
         for i, lw in enumerate(self._serving_weights()):
             x, h, r, w, k, v, a, b, g, v_first = mix_in(lw, x, att_prev[i], v_first)
             y = wkv7_decode(state.wkv[i], slots, *(t.view(B, H, N) for t in (r, w, k, v, a, b)))
+            join_gate()
             x, h2 = maths.block_out(lw, x, y.view(B, 1, H, N), r, k, v, g, ffn_prev[i])
             att_last.append(h[:, 0])
             ffn_last.append(h2[:, 0])
@@ -686,11 +714,16 @@ class RWKV7(nn.Module):
             return _compiled.maths
         return EAGER_SERVING
 
-    def _decode_mix_in(self, maths: ServingMaths, rows: int) -> Callable:
-        """`mix_in` for a decode step of `rows` sequences: with `overlap_gates`, on CUDA and several rows, the LoRAs
-        run on a second stream beside the r/k/v projections."""
+    def _decode_mix_in(self, maths: ServingMaths, rows: int) -> tuple[Callable, Callable]:
+        """(`mix_in`, the call to make before `block_out`) for a decode step of `rows` sequences: with
+        `overlap_gates`, on CUDA and several rows, the LoRAs and the gate run on a second stream (`_SideStreamGates`)."""
         if not (self.overlap_gates and rows > 1 and self.device.type == "cuda"):
-            return maths.mix_in
+            return maths.mix_in, _nothing
         if self._side_stream is None:
             self._side_stream = torch.cuda.Stream(self.device)
-        return functools.partial(_mix_in_overlapped, maths, self._side_stream)
+        gates = _SideStreamGates(maths, self._side_stream)
+        return gates.mix_in, gates.join
+
+
+def _nothing() -> None:
+    pass
