@@ -57,9 +57,22 @@ cudaError_t backward_cols(const Inputs<T>& x, const T* dy, const float* sa, cons
                           const float* dstate_out, T* dr, T* dw, T* dk, T* da, T* db, int config,
                           cudaStream_t stream);
 
-// Decode: r.. [B,H,N]; table [n_slots,H,N,N] fp32 updated in place at rows slots[B]; y [B,H,N].
+// A block's readout of the decode step's y, fused into the decode kernel when g is set:
+// y <- (GroupNorm of each head (ln_w, ln_b [H*N], eps) + (sum over the head of r * k * r_k [H, N]) * v) * g [B,H,N].
+template <typename T>
+struct Readout {
+    const T* g = nullptr;
+    const T* ln_w = nullptr;
+    const T* ln_b = nullptr;
+    const T* r_k = nullptr;
+    float eps = 0.f;
+};
+
+// Decode: r.. [B,H,N]; table [n_slots,H,N,N] fp32 updated in place at rows slots[B]; y [B,H,N] (read out when
+// readout.g is set).
 template <typename T>
 cudaError_t decode(float* table, int64_t n_slots, const int64_t* slots, const T* r, const T* w, const T* k,
-                   const T* v, const T* a, const T* b, T* y, int B, int H, int N, cudaStream_t stream);
+                   const T* v, const T* a, const T* b, T* y, int B, int H, int N, const Readout<T>& readout,
+                   cudaStream_t stream);
 
 }  // namespace wkv7

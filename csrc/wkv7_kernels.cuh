@@ -642,7 +642,8 @@ bwd_cols_kernel(const T* __restrict__ r, const T* __restrict__ w, const T* __res
 // One token for each of B sequences, the state rows of a persistent table [S, H, N, N] picked by slots[B]. One
 // block per (sequence, head); a row of S is spread over N/4 lanes (a float4 each) so every state access is a
 // coalesced 16-byte load or store, and each thread keeps several rows in flight. An out-of-range slot writes NaN
-// to y and leaves the table untouched.
+// to y and leaves the table untouched. With READOUT the block also applies the model's readout of its head's y
+// (`rwkv_app.ops.wkv7.wkv7_readout`), in fp32 before y is ever rounded: one kernel launch less per layer.
 
 template <int N>
 struct DecodeLayout {
@@ -667,12 +668,14 @@ template <> struct Vec4<__nv_bfloat16> {
     }
 };
 
-template <typename T, int N>
+template <typename T, int N, bool READOUT>
 __global__ void __launch_bounds__(DecodeLayout<N>::NT)
 decode_kernel(float* __restrict__ table, const int64_t* __restrict__ slots, const T* __restrict__ r,
               const T* __restrict__ w, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ a,
-              const T* __restrict__ bb, T* __restrict__ y, int H, int64_t n_slots) {
+              const T* __restrict__ bb, T* __restrict__ y, int H, int64_t n_slots, Readout<T> ro) {
     using L = DecodeLayout<N>;
+    __shared__ float ys[READOUT ? N : 1];  // the head's y, for the GroupNorm
+    __shared__ float stats[2];             // its mean and 1 / standard deviation
     const int bh = blockIdx.x, bi = bh / H, h = bh % H;
     const int tid = threadIdx.x, q = tid % L::LPR, g = tid / L::LPR;
     const int64_t in = static_cast<int64_t>(bh) * N;
@@ -704,7 +707,36 @@ decode_kernel(float* __restrict__ table, const int64_t* __restrict__ slots, cons
         s.w = fmaf(s.w, dv.w, fmaf(sa, bv.w, vi * kv.w));
         *reinterpret_cast<float4*>(S0 + i * N + 4 * q) = s;
         const float yy = group_sum<L::LPR>((s.x * rv.x + s.y * rv.y) + (s.z * rv.z + s.w * rv.w));
-        if (q == 0) y[in + i] = from_f32<T>(yy);
+        if (q == 0) {
+            if constexpr (READOUT) ys[i] = yy;
+            else y[in + i] = from_f32<T>(yy);
+        }
+    }
+    if constexpr (READOUT) {
+        // every line of lanes holds all of r and k: each computes the bonus r.(k * r_k) of the head
+        const float4 rk = Vec4<T>::load(ro.r_k + static_cast<int64_t>(h) * N + 4 * q);
+        const float bonus = group_sum<L::LPR>((rv.x * kv.x * rk.x + rv.y * kv.y * rk.y) +
+                                              (rv.z * kv.z * rk.z + rv.w * kv.w * rk.w));
+        __syncthreads();
+        if (tid < 32) {  // one warp: mean, then the mean square deviation (two passes, as exact as the data)
+            float sum = 0.f;
+            for (int i = tid; i < N; i += 32) sum += ys[i];
+            const float mean = group_sum<32>(sum) / N;
+            float dev = 0.f;
+            for (int i = tid; i < N; i += 32) dev += (ys[i] - mean) * (ys[i] - mean);
+            dev = group_sum<32>(dev) / N;
+            if (tid == 0) {
+                stats[0] = mean;
+                stats[1] = rsqrtf(dev + ro.eps);
+            }
+        }
+        __syncthreads();
+        if (tid < N) {
+            const int64_t c = static_cast<int64_t>(h) * N + tid;
+            const float z = fmaf((ys[tid] - stats[0]) * stats[1], to_f32(ro.ln_w[c]), to_f32(ro.ln_b[c])) +
+                            bonus * to_f32(v[in + tid]);
+            y[in + tid] = from_f32<T>(z * to_f32(ro.g[in + tid]));
+        }
     }
 }
 

@@ -92,18 +92,25 @@ cudaError_t backward_cols(const Inputs<T>& x, const T* dy, const float* sa, cons
 
 template <typename T, int N>
 cudaError_t run_decode(float* table, int64_t n_slots, const int64_t* slots, const T* r, const T* w, const T* k,
-                       const T* v, const T* a, const T* b, T* y, int B, int H, cudaStream_t st) {
-    decode_kernel<T, N><<<B * H, DecodeLayout<N>::NT, 0, st>>>(table, slots, r, w, k, v, a, b, y, H, n_slots);
+                       const T* v, const T* a, const T* b, T* y, int B, int H, const Readout<T>& ro,
+                       cudaStream_t st) {
+    if (ro.g)
+        decode_kernel<T, N, true><<<B * H, DecodeLayout<N>::NT, 0, st>>>(table, slots, r, w, k, v, a, b, y, H,
+                                                                         n_slots, ro);
+    else
+        decode_kernel<T, N, false><<<B * H, DecodeLayout<N>::NT, 0, st>>>(table, slots, r, w, k, v, a, b, y, H,
+                                                                          n_slots, ro);
     return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t decode(float* table, int64_t n_slots, const int64_t* slots, const T* r, const T* w, const T* k,
-                   const T* v, const T* a, const T* b, T* y, int B, int H, int N, cudaStream_t st) {
+                   const T* v, const T* a, const T* b, T* y, int B, int H, int N, const Readout<T>& ro,
+                   cudaStream_t st) {
     switch (N) {
-        case 32: return run_decode<T, 32>(table, n_slots, slots, r, w, k, v, a, b, y, B, H, st);
-        case 64: return run_decode<T, 64>(table, n_slots, slots, r, w, k, v, a, b, y, B, H, st);
-        case 128: return run_decode<T, 128>(table, n_slots, slots, r, w, k, v, a, b, y, B, H, st);
+        case 32: return run_decode<T, 32>(table, n_slots, slots, r, w, k, v, a, b, y, B, H, ro, st);
+        case 64: return run_decode<T, 64>(table, n_slots, slots, r, w, k, v, a, b, y, B, H, ro, st);
+        case 128: return run_decode<T, 128>(table, n_slots, slots, r, w, k, v, a, b, y, B, H, ro, st);
     }
     return cudaErrorInvalidValue;
 }

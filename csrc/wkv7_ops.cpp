@@ -130,11 +130,21 @@ void backward_as(const Tensor& r, const Tensor& w, const Tensor& k, const Tensor
 
 template <typename E, typename A>
 void decode_as(Tensor& table, const Tensor& slots, const Tensor& r, const Tensor& w, const Tensor& k, const Tensor& v,
-               const Tensor& a, const Tensor& b, const Tensor& y, cudaStream_t st) {
+               const Tensor& a, const Tensor& b, const Tensor& y, const std::optional<Tensor>& g,
+               const std::optional<Tensor>& ln_w, const std::optional<Tensor>& ln_b, const std::optional<Tensor>& r_k,
+               double eps, cudaStream_t st) {
+    wkv7::Readout<E> ro;
+    if (g) {
+        ro.g = cptr<E, A>(*g);
+        ro.ln_w = cptr<E, A>(*ln_w);
+        ro.ln_b = cptr<E, A>(*ln_b);
+        ro.r_k = cptr<E, A>(*r_k);
+        ro.eps = static_cast<float>(eps);
+    }
     check_cuda(wkv7::decode<E>(table.data_ptr<float>(), table.size(0), slots.data_ptr<int64_t>(), cptr<E, A>(r),
                                cptr<E, A>(w), cptr<E, A>(k), cptr<E, A>(v), cptr<E, A>(a), cptr<E, A>(b),
                                mptr<E, A>(y), static_cast<int>(r.size(0)), static_cast<int>(r.size(1)),
-                               static_cast<int>(r.size(2)), st),
+                               static_cast<int>(r.size(2)), ro, st),
                "decode");
 }
 
@@ -201,8 +211,11 @@ Tensor wkv7_prefill(const Tensor& r, const Tensor& w, const Tensor& k, const Ten
     return y;
 }
 
+// With g (and then ln_w, ln_b, r_k), the output is the block's readout of y (see wkv7::Readout), not y.
 Tensor wkv7_decode(Tensor& table, const Tensor& slots, const Tensor& r, const Tensor& w, const Tensor& k,
-                   const Tensor& v, const Tensor& a, const Tensor& b) {
+                   const Tensor& v, const Tensor& a, const Tensor& b, const std::optional<Tensor>& g,
+                   const std::optional<Tensor>& ln_w, const std::optional<Tensor>& ln_b,
+                   const std::optional<Tensor>& r_k, double eps) {
     check_inputs(r, w, k, v, a, b, 3);
     const int64_t B = r.size(0), H = r.size(1), N = r.size(2);
     TORCH_CHECK(table.dim() == 4, "wkv7 decode: state table must be [S, H, N, N], got ", table.sizes());
@@ -210,14 +223,26 @@ Tensor wkv7_decode(Tensor& table, const Tensor& slots, const Tensor& r, const Te
     TORCH_CHECK(slots.is_cuda() && slots.device() == r.device() && slots.scalar_type() == at::kLong &&
                     slots.dim() == 1 && slots.size(0) == B && slots.is_contiguous(),
                 "wkv7 decode: slots must be a contiguous int64 CUDA tensor of shape [", B, "]");
+    TORCH_CHECK(g.has_value() == ln_w.has_value() && g.has_value() == ln_b.has_value() &&
+                    g.has_value() == r_k.has_value(),
+                "wkv7 decode: the readout needs all of g, ln_w, ln_b and r_k, or none");
+    if (g) {
+        check_same(*g, r, "g", true);
+        for (const auto& [t, name] : {std::pair{&*ln_w, "ln_w"}, std::pair{&*ln_b, "ln_b"}, std::pair{&*r_k, "r_k"}}) {
+            check_same(*t, r, name, false);
+            TORCH_CHECK(t->numel() == H * N, "wkv7 decode: ", name, " must have ", H * N, " elements, got ",
+                        t->numel());
+        }
+        TORCH_CHECK(eps > 0, "wkv7 decode: the readout's eps must be positive, got ", eps);
+    }
     const c10::cuda::CUDAGuard guard(r.device());
     Tensor y = at::empty_like(r);
     if (B * H == 0) return y;
     const cudaStream_t st = c10::cuda::getCurrentCUDAStream().stream();
     if (is_bf16(r))
-        decode_as<__nv_bfloat16, at::BFloat16>(table, slots, r, w, k, v, a, b, y, st);
+        decode_as<__nv_bfloat16, at::BFloat16>(table, slots, r, w, k, v, a, b, y, g, ln_w, ln_b, r_k, eps, st);
     else
-        decode_as<float, float>(table, slots, r, w, k, v, a, b, y, st);
+        decode_as<float, float>(table, slots, r, w, k, v, a, b, y, g, ln_w, ln_b, r_k, eps, st);
     return y;
 }
 
@@ -242,7 +267,8 @@ TORCH_LIBRARY(rwkv_app, m) {
     m.def("wkv7_prefill(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor(s!) state, "
           "int config=-1) -> Tensor");
     m.def("wkv7_decode(Tensor(s!) state_table, Tensor slots, Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, "
-          "Tensor b) -> Tensor");
+          "Tensor b, Tensor? g=None, Tensor? ln_w=None, Tensor? ln_b=None, Tensor? r_k=None, float eps=0.) "
+          "-> Tensor");
     m.def("wkv7_auto_config(int pass_id, int heads, int head_size) -> int", &wkv7_auto_config);
     m.def("wkv7_num_configs(int head_size) -> int", &wkv7_num_configs);
 }

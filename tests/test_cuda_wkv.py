@@ -17,7 +17,7 @@ from rwkv_app.config import load_model_config
 from rwkv_app.model import RWKV7
 from rwkv_app.ops import cuda as wkv_cuda
 from rwkv_app.ops.reference import wkv7_sequential
-from rwkv_app.ops.wkv7 import BACKEND_ENV
+from rwkv_app.ops.wkv7 import BACKEND_ENV, Readout, wkv7_readout
 
 pytestmark = [
     pytest.mark.cuda,
@@ -163,6 +163,31 @@ def test_decode_matches_train_forward(dtype, N):
     assert rel(torch.stack(ys, 1), y_train) < tol
     assert rel(table[slots], s_train) < 1e-5
     assert torch.equal(table[[1, 3, 4, 6, 8]], untouched)
+
+
+@pytest.mark.parametrize("dtype,N", [(torch.float32, 64), (torch.bfloat16, 64), (torch.float32, 32),
+                                     (torch.bfloat16, 128)])
+def test_decode_with_readout_matches_float64(dtype, N):
+    # the fused readout (GroupNorm per head, r.k bonus, gate) against the float64 recurrence and `wkv7_readout`
+    gen = torch.Generator().manual_seed(6)
+    B, H, S = 5, 3, 8
+    xs = [x[:, 0] for x in make_inputs(B, 1, H, N, dtype, gen)]
+    C = H * N
+    readout = Readout(torch.sigmoid(torch.randn(B, H, N, generator=gen)).to(dtype).to(DEV),
+                      (1 + 0.3 * torch.randn(C, generator=gen)).to(dtype).to(DEV),
+                      (0.2 * torch.randn(C, generator=gen)).to(dtype).to(DEV),
+                      (0.5 * torch.randn(H, N, generator=gen)).to(dtype).to(DEV), 64e-5)
+    table = torch.randn(S, H, N, N, generator=gen).to(DEV) * 0.3
+    slots = torch.tensor([6, 1, 3, 0, 4], device=DEV)
+    start = table.clone()
+    z = wkv_cuda.wkv7_decode(table, slots, *xs, readout)
+    y, s = wkv7_sequential(*[x.double().unsqueeze(1) for x in xs], start[slots].double())
+    r, k, v = (x.double() for x in (xs[0], xs[2], xs[3]))
+    want = wkv7_readout(y[:, 0], r, k, v, Readout(*(t.double() for t in readout[:4]), readout.eps))
+    assert rel(z, want) < (2e-5 if dtype == torch.float32 else 4e-3)
+    assert rel(table[slots], s) < 1e-5
+    with pytest.raises(RuntimeError, match="all of g, ln_w, ln_b and r_k"):
+        torch.ops.rwkv_app.wkv7_decode(table, slots, *xs, readout.g, None, readout.ln_b, readout.r_k, 1e-3)
 
 
 def test_decode_bad_slot_gives_nan_and_leaves_table():

@@ -179,7 +179,9 @@ def test_the_warm_up_compiles_every_kind_of_call_serving_makes(monkeypatch, devi
         model.overlap_gates = overlap  # decode steps of several rows call four other functions
         model.warm_up_serving()
         warmed_up = len(traced)
-        assert overlap or warmed_up == 12  # 4 kinds of call x (block 0 or not, for `_mix_in` only)
+        # `_mix_in`: 4 kinds of call x (block 0 or not); `_block_out`: the 4 kinds, from prefill; `_block_ffn`: the
+        # 2 kinds decode makes (one row, several)
+        assert overlap or warmed_up == 8 + 4 + 2
         seqs = torch.randint(0, VOCAB, (4, 9), generator=torch.Generator().manual_seed(24)).to(device)
         start = busy_table(model, 4, seed=25).to(device)
         with torch.no_grad():

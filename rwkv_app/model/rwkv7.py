@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from rwkv_app.config import ModelConfig
 from rwkv_app.model.state import RWKV7State
-from rwkv_app.ops import wkv7, wkv7_decode, wkv7_inference
+from rwkv_app.ops import Readout, wkv7, wkv7_decode, wkv7_inference, wkv7_readout
 
 __all__ = ["RWKV7", "RWKV7State"]
 
@@ -106,9 +106,9 @@ def _time_mix_finish(p: TimeMixWeights, y: torch.Tensor, r: torch.Tensor, k: tor
     """WKV output y [B, T, H, N] -> the TimeMix output [B, T, C]: GroupNorm, the r.k bonus, gate, projection."""
     B, T, C = r.shape
     H, N = p.r_k.shape
-    y = F.group_norm(y.reshape(B * T, C), H, *p.ln_x, eps=LN_X_EPS).view(B, T, C)
-    bonus = (r * k * p.r_k.view(1, 1, C)).view(B, T, H, N).sum(-1, keepdim=True) * v.view(B, T, H, N)
-    return F.linear((y + bonus.view(B, T, C)) * g, p.output)
+    heads = lambda t: t.view(B, T, H, N)  # noqa: E731
+    z = wkv7_readout(y, heads(r), heads(k), heads(v), Readout(heads(g), *p.ln_x, p.r_k, LN_X_EPS))
+    return F.linear(z.view(B, T, C), p.output)
 
 
 def _channel_mix(h: torch.Tensor, shifted: torch.Tensor, x_k: torch.Tensor, key: torch.Tensor,
@@ -416,8 +416,9 @@ def _wkv_inputs(lw: ServingWeights, x: torch.Tensor, h: torch.Tensor, lora: torc
     """The projections and `_mix_loras`'s output -> `_mix_in`'s result, less the gate g."""
     B, T, C = x.shape
     H, N = lw.r_k.shape
-    w, a, v_gate = (lora + lw.lora_bias).unbind(0)                          # w0 + .., a0 + .., v0 + ..
-    a, v_gate = torch.sigmoid(a), torch.sigmoid(v_gate)
+    # one add per LoRA (not one over all three, which inductor would write out as a buffer of its own)
+    bias = lw.lora_bias
+    w, a, v_gate = lora[0] + bias[0], torch.sigmoid(lora[1] + bias[1]), torch.sigmoid(lora[2] + bias[2])
     if v_first is None:
         v_first = v.view(B, T, C)
     else:
@@ -441,57 +442,46 @@ def _mix_in(lw: ServingWeights, x: torch.Tensor, att_prev: torch.Tensor, v_first
     return x, h, r, w, k, v, a, b, _mix_gate(lw, xs, by_sum).view(x.shape), v_first
 
 
-class _SideStreamGates:
-    """`_mix_in` for decode steps of several rows on CUDA, with the LoRAs and the output gate on a second stream.
-    At a few rows their small GEMMs and activations are latency-bound: the LoRAs hide behind the r/k/v projections
-    (the WKV inputs wait for them), the gate behind the WKV kernel (only `_block_out` waits for it: call `join`
-    before it). The one-row sum form fuses them into their neighbours instead."""
-
-    def __init__(self, maths: "ServingMaths", side: torch.cuda.Stream):
-        self.maths, self.side = maths, side
-        self._read_on_side: Optional[torch.Tensor] = None
-
-    def mix_in(self, lw: ServingWeights, x: torch.Tensor, att_prev: torch.Tensor, v_first: Optional[torch.Tensor]):
-        maths, side = self.maths, self.side
-        x, h, xs = maths.mix_inputs(lw, x, att_prev)
-        main = torch.cuda.current_stream(x.device)
-        side.wait_stream(main)
-        loras_done = torch.cuda.Event()
-        with torch.cuda.stream(side):
-            # what `side` allocates is reused there only after its next wait on `main`, by when main has read it
-            lora = maths.mix_loras(lw, xs)
-            loras_done.record(side)
-            g = maths.mix_gate(lw, xs)
-        # xs is still read on `side`: held until `join`, so that main cannot reuse its memory before then
-        self._read_on_side = xs
-        r, k, v = _mix_projections(lw, xs)
-        main.wait_event(loras_done)
-        x, h, r, w, k, v, a, b, v_first = maths.wkv_inputs(lw, x, h, lora, r, k, v, v_first)
-        return x, h, r, w, k, v, a, b, g.view(x.shape), v_first
-
-    def join(self) -> None:
-        """Make the current stream wait for the gate (before `_block_out`)."""
-        torch.cuda.current_stream(self.side.device).wait_stream(self.side)
-        self._read_on_side = None
+def _mix_in_overlapped(maths: "ServingMaths", side: torch.cuda.Stream, lw: ServingWeights, x: torch.Tensor,
+                       att_prev: torch.Tensor, v_first: Optional[torch.Tensor]):
+    """`_mix_in` with the LoRAs and the output gate on the stream `side`, beside the r/k/v projections: at a few rows
+    their small GEMMs and activations are latency-bound and can hide behind the projections' weight streaming.
+    Several rows only (the one-row sum form fuses them into their neighbours instead)."""
+    x, h, xs = maths.mix_inputs(lw, x, att_prev)
+    main = torch.cuda.current_stream(x.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        # allocations on `side` are reused there only after its next wait on `main`, by when main has read them
+        lora = maths.mix_loras(lw, xs)
+        g = maths.mix_gate(lw, xs)
+    r, k, v = _mix_projections(lw, xs)
+    main.wait_stream(side)
+    x, h, r, w, k, v, a, b, v_first = maths.wkv_inputs(lw, x, h, lora, r, k, v, v_first)
+    return x, h, r, w, k, v, a, b, g.view(x.shape), v_first
 
 
 def _block_out(lw: ServingWeights, x: torch.Tensor, y: torch.Tensor, r: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, g: torch.Tensor, ffn_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rest of a block from the WKV output y [B, T, H, N]: GroupNorm, r.k bonus, gate, output projection and
-    the channel mix. Returns (block output [B, T, C], h2 = ln2 output [B, T, C])."""
+    """The rest of a block from the WKV output y [B, T, H, N]: its readout (GroupNorm, r.k bonus, gate; what the
+    decode kernel fuses), then `_block_ffn`."""
+    heads = lambda t: t.view(y.shape)  # noqa: E731
+    z = wkv7_readout(y, heads(r), heads(k), heads(v), Readout(heads(g), lw.ln_x_w, lw.ln_x_b, lw.r_k, LN_X_EPS))
+    return _block_ffn(lw, x, z.view(x.shape), ffn_prev)
+
+
+def _block_ffn(lw: ServingWeights, x: torch.Tensor, z: torch.Tensor,
+               ffn_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rest of a block from the WKV readout z [B, T, C]: the output projection and the channel mix. Returns
+    (block output [B, T, C], h2 = ln2 output [B, T, C])."""
     B, T, C = x.shape
-    H, N = lw.r_k.shape
     by_sum = _by_sum(x)
-    y = F.group_norm(y.reshape(B * T, C), H, lw.ln_x_w, lw.ln_x_b, eps=LN_X_EPS)
-    heads = lambda t: t.reshape(B * T, H, N)  # noqa: E731
-    bonus = (heads(r * k) * lw.r_k).sum(-1, keepdim=True)                 # [BT, H, 1]: r.k per head
-    y = torch.addcmul(heads(y), bonus, heads(v)).view(B * T, C)           # GroupNorm(y) + (r.k) v
-    # the residual add is not folded into the product (addmm would first copy x into its output): compiled, it
-    # joins the LayerNorm kernel that reads x anyway
-    x = x.reshape(B * T, C) + _mm(y * g.reshape(B * T, C), lw.output.t(), by_sum=by_sum)
-    h2 = F.layer_norm(x, (C,), lw.ln2_w, lw.ln2_b, eps=LN_EPS).view(B, T, C)
+    # the residual add stays out of the product: inductor turns an add of a bare matmul into addmm, which first
+    # copies x into its output; behind a view it joins the LayerNorm kernel that reads x anyway
+    x = x + _mm(z.view(B * T, C), lw.output.t(), by_sum=by_sum).view(B, T, C)
+    h2 = F.layer_norm(x, (C,), lw.ln2_w, lw.ln2_b, eps=LN_EPS)
     kx = torch.lerp(h2, _shifted(h2, ffn_prev), lw.ffn_mix).view(B * T, C)
-    x = _mm(torch.relu(_mm(kx, lw.ffn_key.t(), by_sum=by_sum)).square_(), lw.ffn_value.t(), x, by_sum=by_sum)
+    x = _mm(torch.relu(_mm(kx, lw.ffn_key.t(), by_sum=by_sum)).square_(), lw.ffn_value.t(), x.view(B * T, C),
+            by_sum=by_sum)
     return x.view(B, T, C), h2
 
 
@@ -501,13 +491,14 @@ class ServingMaths(NamedTuple):
 
     mix_in: Callable
     block_out: Callable
+    block_ffn: Callable
     mix_inputs: Callable
     mix_loras: Callable
     mix_gate: Callable
     wkv_inputs: Callable
 
 
-EAGER_SERVING = ServingMaths(_mix_in, _block_out, _mix_inputs, _mix_loras, _mix_gate, _wkv_inputs)
+EAGER_SERVING = ServingMaths(_mix_in, _block_out, _block_ffn, _mix_inputs, _mix_loras, _mix_gate, _wkv_inputs)
 
 
 class _Compiled:
@@ -653,7 +644,7 @@ class RWKV7(nn.Module):
         B = tokens.shape[0]
         H, N = self.cfg.num_heads, self.cfg.head_dim
         maths = self._serving_maths()
-        mix_in, join_gate = self._decode_mix_in(maths, B)
+        mix_in = self._decode_mix_in(maths, B)
         # one gather and one scatter per shift table for the whole step, not two per layer
         att_prev = state.att_shift.index_select(1, slots)                 # [L, B, C]
         ffn_prev = state.ffn_shift.index_select(1, slots)
@@ -661,9 +652,9 @@ class RWKV7(nn.Module):
         att_last, ffn_last = [], []
         for i, lw in enumerate(self._serving_weights()):
             x, h, r, w, k, v, a, b, g, v_first = mix_in(lw, x, att_prev[i], v_first)
-            y = wkv7_decode(state.wkv[i], slots, *(t.view(B, H, N) for t in (r, w, k, v, a, b)))
-            join_gate()
-            x, h2 = maths.block_out(lw, x, y.view(B, 1, H, N), r, k, v, g, ffn_prev[i])
+            readout = Readout(g.view(B, H, N), lw.ln_x_w, lw.ln_x_b, lw.r_k, LN_X_EPS)
+            z = wkv7_decode(state.wkv[i], slots, *(t.view(B, H, N) for t in (r, w, k, v, a, b)), readout)
+            x, h2 = maths.block_ffn(lw, x, z.view(B, 1, -1), ffn_prev[i])
             att_last.append(h[:, 0])
             ffn_last.append(h2[:, 0])
         state.att_shift.index_copy_(1, slots, torch.stack(att_last))
@@ -697,13 +688,12 @@ class RWKV7(nn.Module):
             state = self.new_state(batch)
             rows = torch.arange(batch, device=self.device)
             tokens = torch.zeros(batch, chunk, dtype=torch.long, device=self.device)
-            self.decode_step(tokens[:1, 0], state, rows[:1])
-            self.decode_step(tokens[:, 0], state, rows)
-            # a second size, for functions that never saw one row (`overlap_gates`): their dynamic graph, tuned here
-            self.decode_step(tokens[:-1, 0], state, rows[:-1])
-            # one token of several rows as a prefill chunk: the decode step's kind of call, which with
-            # `overlap_gates` the decode steps above did not make through `_mix_in`
-            self.prefill(tokens[:, :1], state, rows)
+            # decode and prefill call different functions (`_block_ffn` | `_block_out`; with `overlap_gates`, the
+            # pieces of `_mix_in` | `_mix_in`), so each makes its one-token calls at 1, `batch` and a second size of
+            # rows: the first size past 1 compiles a static graph, the second the dynamic one, tuned here
+            for rows_now in (1, batch, batch - 1):
+                self.decode_step(tokens[:rows_now, 0], state, rows[:rows_now])
+                self.prefill(tokens[:rows_now, :1], state, rows[:rows_now])
             self.prefill(tokens[:1], state, rows[:1])
             self.prefill(tokens[:4], state, rows[:4])
 
@@ -714,16 +704,11 @@ class RWKV7(nn.Module):
             return _compiled.maths
         return EAGER_SERVING
 
-    def _decode_mix_in(self, maths: ServingMaths, rows: int) -> tuple[Callable, Callable]:
-        """(`mix_in`, the call to make before `block_out`) for a decode step of `rows` sequences: with
-        `overlap_gates`, on CUDA and several rows, the LoRAs and the gate run on a second stream (`_SideStreamGates`)."""
+    def _decode_mix_in(self, maths: ServingMaths, rows: int) -> Callable:
+        """`mix_in` for a decode step of `rows` sequences: with `overlap_gates`, on CUDA and several rows, the LoRAs
+        and the gate run on a second stream beside the r/k/v projections."""
         if not (self.overlap_gates and rows > 1 and self.device.type == "cuda"):
-            return maths.mix_in, _nothing
+            return maths.mix_in
         if self._side_stream is None:
             self._side_stream = torch.cuda.Stream(self.device)
-        gates = _SideStreamGates(maths, self._side_stream)
-        return gates.mix_in, gates.join
-
-
-def _nothing() -> None:
-    pass
+        return functools.partial(_mix_in_overlapped, maths, self._side_stream)

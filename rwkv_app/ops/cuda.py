@@ -167,8 +167,9 @@ def wkv7_prefill(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Ten
 
 @torch.no_grad()
 def wkv7_decode(state_table: torch.Tensor, slots: torch.Tensor, r: torch.Tensor, w: torch.Tensor, k: torch.Tensor,
-                v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+                v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, readout=None) -> torch.Tensor:
     """One token for each of B sequences: r.. [B, H, N]; updates rows `slots` [B] of `state_table` [S, H, N, N].
+    Returns y, or with `readout` (a `rwkv_app.ops.wkv7.Readout`) the block's readout of y, fused into the kernel.
 
     Slots must be distinct within one call. An out-of-range slot gives NaN outputs and leaves the table untouched.
     """
@@ -182,7 +183,15 @@ def wkv7_decode(state_table: torch.Tensor, slots: torch.Tensor, r: torch.Tensor,
     if slots.shape != (B,):
         raise ValueError(f"wkv7 (cuda): slots must have shape {(B,)}, got {tuple(slots.shape)}")
     slots = slots.to(device=r.device, dtype=torch.int64).contiguous()
-    y = torch.ops.rwkv_app.wkv7_decode(state_table, slots, *_prepare((r, w, k, v, a, b)))
+    if readout is None:
+        extra = ()
+    else:
+        if readout.g.shape != r.shape or readout.r_k.shape != (H, N):
+            raise ValueError(f"wkv7 (cuda): readout gate must have shape {tuple(r.shape)} and r_k {(H, N)}, got "
+                             f"{tuple(readout.g.shape)} and {tuple(readout.r_k.shape)}")
+        dtype = _kernel_dtype(r.dtype)
+        extra = (*(t.to(dtype).contiguous() for t in readout[:4]), float(readout.eps))
+    y = torch.ops.rwkv_app.wkv7_decode(state_table, slots, *_prepare((r, w, k, v, a, b)), *extra)
     return y.to(r.dtype)
 
 
@@ -207,7 +216,7 @@ def _register_fakes() -> None:
         return torch.empty_like(r)
 
     @torch.library.register_fake("rwkv_app::wkv7_decode")
-    def _(state_table, slots, r, w, k, v, a, b):
+    def _(state_table, slots, r, w, k, v, a, b, g=None, ln_w=None, ln_b=None, r_k=None, eps=0.0):
         return torch.empty_like(r)
 
 

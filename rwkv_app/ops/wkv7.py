@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 
 from rwkv_app.errors import UserError
 from rwkv_app.ops.chunked import wkv7_chunked
@@ -90,13 +91,40 @@ def wkv7_inference(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.T
     return y
 
 
+class Readout(NamedTuple):
+    """An RWKV-7 block's readout of the WKV output, which `wkv7_decode` can apply inside its kernel: see
+    `wkv7_readout`. The gate g has y's shape; the GroupNorm weight and bias are [C] (one group per head)."""
+
+    g: torch.Tensor
+    ln_w: torch.Tensor
+    ln_b: torch.Tensor
+    r_k: torch.Tensor  # [H, N]
+    eps: float
+
+
+def wkv7_readout(y: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, readout: Readout) -> torch.Tensor:
+    """y, r, k, v [..., H, N] (r, k, v the WKV's own inputs) -> (GroupNorm(y) + (r . (k * r_k)) v) * g, GroupNorm over
+    each head and the bonus r . (k * r_k) summed over each head."""
+    H, N = readout.r_k.shape
+    normed = F.group_norm(y.reshape(-1, H * N), H, readout.ln_w, readout.ln_b, eps=readout.eps).view(y.shape)
+    bonus = (r * k * readout.r_k).sum(-1, keepdim=True)
+    return torch.addcmul(normed, bonus, v) * readout.g
+
+
 @torch.no_grad()
 def wkv7_decode(state_table: torch.Tensor, slots: torch.Tensor, r: torch.Tensor, w: torch.Tensor, k: torch.Tensor,
-                v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """One token for each of B sequences: r.. [B, H, N]; reads and updates rows `slots` of `state_table` [S, H, N, N]."""
+                v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, readout: Optional[Readout] = None) -> torch.Tensor:
+    """One token for each of B sequences: r.. [B, H, N]; reads and updates rows `slots` of `state_table` [S, H, N, N].
+    Returns y [B, H, N], or with `readout` its `wkv7_readout` (one kernel on CUDA, from y before any rounding)."""
     module = _cuda_for(r)
     if module is not None:
-        return module.wkv7_decode(state_table, slots, r, w, k, v, a, b)
+        return module.wkv7_decode(state_table, slots, r, w, k, v, a, b, readout)
+    y = _decode_torch(state_table, slots, r, w, k, v, a, b)
+    return y if readout is None else wkv7_readout(y, r, k, v, readout)
+
+
+def _decode_torch(state_table: torch.Tensor, slots: torch.Tensor, r: torch.Tensor, w: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     dtype = r.dtype
     r, w, k, v, a, b = (x.to(state_table.dtype) for x in (r, w, k, v, a, b))
     with torch.autocast(device_type=r.device.type, enabled=False):  # the state math stays in fp32
