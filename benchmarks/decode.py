@@ -100,7 +100,7 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).abs().max() / want.float().std()).item()
 
 
-def kernel_table(fn, device: torch.device, top: int = 25) -> dict:
+def kernel_table(fn, device: torch.device, top: int = 60) -> dict:
     """The GPU kernels one call of fn runs: total count and time, and the `top` kernels by time (name, count, µs)."""
     from collections import defaultdict
 
@@ -329,6 +329,8 @@ def main(argv=None) -> int:
                     help="decode steps with the LoRAs on a second stream (RWKV7.overlap_gates, on in rwkv-infer): "
                          "off, on, or both alternating (off,on)")
     ap.add_argument("--rounds", type=int, default=1, help="rounds over the --overlap settings per batch size")
+    ap.add_argument("--stack-rkv", choices=("on", "off"), default="on",
+                    help="r/k/v weights back to back, one batched GEMM (RWKV7.stack_projections, on in rwkv-infer)")
     ap.add_argument("--blas", choices=("cublas", "cublaslt"), default="cublaslt",
                     help="torch.backends.cuda.preferred_blas_library (default: rwkv-infer's choice)")
     args = ap.parse_args(argv)
@@ -361,11 +363,14 @@ def main(argv=None) -> int:
     rwkv7._compiled = rwkv7._Compiled(inductor_options(args.inductor))
     results["inductor"] = args.inductor
     results["blas"] = args.blas
+    results["stack_rkv"] = args.stack_rkv
     for name in args.model_cfg:
         if over():
             break
         cfg = load_model_config(args.config_dir, name)
         model = random_model(cfg, device, dtype)
+        if args.stack_rkv == "on":
+            model.stack_projections()
         rows, prefill = [], []
         results["models"][name] = entry = {"decode": rows, "prefill": prefill, "params": cfg.num_parameters}
         print(f"\n{name}: L{cfg.n_layer} C{cfg.n_embd} V{cfg.vocab_size} ({cfg.num_parameters / 1e9:.2f}B params)")

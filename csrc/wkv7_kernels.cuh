@@ -675,7 +675,6 @@ decode_kernel(float* __restrict__ table, const int64_t* __restrict__ slots, cons
               const T* __restrict__ bb, T* __restrict__ y, int H, int64_t n_slots, Readout<T> ro) {
     using L = DecodeLayout<N>;
     __shared__ float ys[READOUT ? N : 1];  // the head's y, for the GroupNorm
-    __shared__ float stats[2];             // its mean and 1 / standard deviation
     const int bh = blockIdx.x, bi = bh / H, h = bh % H;
     const int tid = threadIdx.x, q = tid % L::LPR, g = tid / L::LPR;
     const int64_t in = static_cast<int64_t>(bh) * N;
@@ -718,22 +717,16 @@ decode_kernel(float* __restrict__ table, const int64_t* __restrict__ slots, cons
         const float bonus = group_sum<L::LPR>((rv.x * kv.x * rk.x + rv.y * kv.y * rk.y) +
                                               (rv.z * kv.z * rk.z + rv.w * kv.w * rk.w));
         __syncthreads();
-        if (tid < 32) {  // one warp: mean, then the mean square deviation (two passes, as exact as the data)
+        if (tid < N) {  // the N / 32 warps that write z; each takes the head's statistics itself (no second barrier)
+            const int lane = tid % 32;
             float sum = 0.f;
-            for (int i = tid; i < N; i += 32) sum += ys[i];
+            for (int i = lane; i < N; i += 32) sum += ys[i];
             const float mean = group_sum<32>(sum) / N;
-            float dev = 0.f;
-            for (int i = tid; i < N; i += 32) dev += (ys[i] - mean) * (ys[i] - mean);
-            dev = group_sum<32>(dev) / N;
-            if (tid == 0) {
-                stats[0] = mean;
-                stats[1] = rsqrtf(dev + ro.eps);
-            }
-        }
-        __syncthreads();
-        if (tid < N) {
+            float dev = 0.f;  // then the mean square deviation: two passes, as exact as the data
+            for (int i = lane; i < N; i += 32) dev += (ys[i] - mean) * (ys[i] - mean);
+            const float rstd = rsqrtf(group_sum<32>(dev) / N + ro.eps);
             const int64_t c = static_cast<int64_t>(h) * N + tid;
-            const float z = fmaf((ys[tid] - stats[0]) * stats[1], to_f32(ro.ln_w[c]), to_f32(ro.ln_b[c])) +
+            const float z = fmaf((ys[tid] - mean) * rstd, to_f32(ro.ln_w[c]), to_f32(ro.ln_b[c])) +
                             bonus * to_f32(v[in + tid]);
             y[in + tid] = from_f32<T>(z * to_f32(ro.g[in + tid]));
         }

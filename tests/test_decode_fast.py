@@ -106,6 +106,22 @@ def test_weights_changed_in_place_or_replaced_are_picked_up():
     assert not stacked.lora_down.requires_grad and not stacked.lora_down.is_inference()
 
 
+def test_stacked_projections_serve_the_same_and_follow_weight_changes():
+    model = tiny_model(32, seed=11)
+    seqs = torch.randint(0, VOCAB, (3, 8), generator=torch.Generator().manual_seed(12))
+    slots = torch.tensor([1, 2, 0])
+    want = run_serving(model, busy_table(model, 3, seed=13), slots, seqs, 4)
+    assert all(lw.rkv is None for lw in model._serving_weights())
+    model.stack_projections()
+    assert all(lw.rkv is not None for lw in model._serving_weights())  # one batched GEMM per block
+    assert rel_err(run_serving(model, busy_table(model, 3, seed=13), slots, seqs, 4), want) <= 1e-5
+    with torch.no_grad():
+        model.blocks[1].att.key.weight.mul_(-2.0)  # through the parameter: seen by the stacked view
+        want, _ = model(seqs[:, :1], busy_table(model, 3, seed=14).index(slots.tolist()))
+    got = model.decode_step(seqs[:, 0], busy_table(model, 3, seed=14), slots)
+    assert rel_err(got, want[:, 0]) <= 1e-5
+
+
 def test_bf16_serving_stays_close_to_fp32():
     model = tiny_model(32, seed=7)
     seqs = torch.randint(0, VOCAB, (3, 8), generator=torch.Generator().manual_seed(8))
@@ -277,6 +293,8 @@ def test_cuda_serving_matches_forward_with_graphs(compiled, rows, overlap):
     model = tiny_model(64, seed=12).to(dev, torch.bfloat16)
     model.compile_serving = compiled  # one row: the compiled step takes the sum form
     model.overlap_gates = overlap  # the LoRAs and the gate on a second stream: graph forks and joins
+    if overlap:
+        model.stack_projections()  # as the engine does on a GPU: r/k/v as one batched GEMM
     B, S = len(rows), 6
     slots = torch.tensor(rows, device=dev)
     seqs = torch.randint(1, VOCAB, (B, 12), generator=torch.Generator().manual_seed(13)).to(dev)

@@ -229,6 +229,8 @@ class Engine:
         on_gpu = self.device.type == "cuda"
         model.compile_serving = torch_compile and on_gpu  # torch.compile of the prefill / decode block maths
         model.overlap_gates = on_gpu  # a decode step's LoRAs beside its r/k/v projections (+3% at 7.2B batch 128)
+        if on_gpu:
+            model.stack_projections()  # r/k/v as one batched GEMM; an engine's model is never saved
         self._graphs = self._prefill_graphs = None
         if cuda_graphs and on_gpu:
             from rwkv_app.infer.cudagraph import GraphedDecode, GraphedPrefill
