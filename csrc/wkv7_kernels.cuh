@@ -668,13 +668,14 @@ template <> struct Vec4<__nv_bfloat16> {
     }
 };
 
-template <typename T, int N, bool READOUT>
-__global__ void __launch_bounds__(DecodeLayout<N>::NT)
+template <typename T, int N, bool READOUT, int MINB = 0>
+__global__ void __launch_bounds__(DecodeLayout<N>::NT, MINB)
 decode_kernel(float* __restrict__ table, const int64_t* __restrict__ slots, const T* __restrict__ r,
               const T* __restrict__ w, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ a,
               const T* __restrict__ bb, T* __restrict__ y, int H, int64_t n_slots, Readout<T> ro) {
     using L = DecodeLayout<N>;
     __shared__ float ys[READOUT ? N : 1];  // the head's y, for the GroupNorm
+    __shared__ float stats[2];             // its mean and 1 / standard deviation
     const int bh = blockIdx.x, bi = bh / H, h = bh % H;
     const int tid = threadIdx.x, q = tid % L::LPR, g = tid / L::LPR;
     const int64_t in = static_cast<int64_t>(bh) * N;
@@ -717,16 +718,22 @@ decode_kernel(float* __restrict__ table, const int64_t* __restrict__ slots, cons
         const float bonus = group_sum<L::LPR>((rv.x * kv.x * rk.x + rv.y * kv.y * rk.y) +
                                               (rv.z * kv.z * rk.z + rv.w * kv.w * rk.w));
         __syncthreads();
-        if (tid < N) {  // the N / 32 warps that write z; each takes the head's statistics itself (no second barrier)
-            const int lane = tid % 32;
+        if (tid < 32) {  // one warp: mean, then the mean square deviation (two passes, as exact as the data)
             float sum = 0.f;
-            for (int i = lane; i < N; i += 32) sum += ys[i];
+            for (int i = tid; i < N; i += 32) sum += ys[i];
             const float mean = group_sum<32>(sum) / N;
-            float dev = 0.f;  // then the mean square deviation: two passes, as exact as the data
-            for (int i = lane; i < N; i += 32) dev += (ys[i] - mean) * (ys[i] - mean);
-            const float rstd = rsqrtf(group_sum<32>(dev) / N + ro.eps);
+            float dev = 0.f;
+            for (int i = tid; i < N; i += 32) dev += (ys[i] - mean) * (ys[i] - mean);
+            dev = group_sum<32>(dev) / N;
+            if (tid == 0) {
+                stats[0] = mean;
+                stats[1] = rsqrtf(dev + ro.eps);
+            }
+        }
+        __syncthreads();
+        if (tid < N) {
             const int64_t c = static_cast<int64_t>(h) * N + tid;
-            const float z = fmaf((ys[tid] - mean) * rstd, to_f32(ro.ln_w[c]), to_f32(ro.ln_b[c])) +
+            const float z = fmaf((ys[tid] - stats[0]) * stats[1], to_f32(ro.ln_w[c]), to_f32(ro.ln_b[c])) +
                             bonus * to_f32(v[in + tid]);
             y[in + tid] = from_f32<T>(z * to_f32(ro.g[in + tid]));
         }

@@ -2,6 +2,8 @@
 // element type, so nvcc compiles the passes in parallel.
 #pragma once
 
+#include <cstdlib>
+
 #include "wkv7.h"
 #include "wkv7_kernels.cuh"
 
@@ -94,7 +96,11 @@ template <typename T, int N>
 cudaError_t run_decode(float* table, int64_t n_slots, const int64_t* slots, const T* r, const T* w, const T* k,
                        const T* v, const T* a, const T* b, T* y, int B, int H, const Readout<T>& ro,
                        cudaStream_t st) {
-    if (ro.g)
+    const char* exp_minb = getenv("RWKV_EXP_DECODE_MINB");  // EXPERIMENT
+    if (ro.g && exp_minb && atoi(exp_minb) == 6)
+        decode_kernel<T, N, true, 6><<<B * H, DecodeLayout<N>::NT, 0, st>>>(table, slots, r, w, k, v, a, b, y, H,
+                                                                            n_slots, ro);
+    else if (ro.g)
         decode_kernel<T, N, true><<<B * H, DecodeLayout<N>::NT, 0, st>>>(table, slots, r, w, k, v, a, b, y, H,
                                                                          n_slots, ro);
     else

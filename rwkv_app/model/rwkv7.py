@@ -482,6 +482,22 @@ def _mix_in_overlapped(maths: "ServingMaths", side: torch.cuda.Stream, lw: Servi
     return x, h, r, w, k, v, a, b, g.view(x.shape), v_first
 
 
+def _mix_in_overlapped2(maths, side, side2, lw, x, att_prev, v_first):  # EXPERIMENT
+    x, h, xs = maths.mix_inputs(lw, x, att_prev)
+    main = torch.cuda.current_stream(x.device)
+    side.wait_stream(main)
+    side2.wait_stream(main)
+    with torch.cuda.stream(side):
+        lora = maths.mix_loras(lw, xs)
+    with torch.cuda.stream(side2):
+        g = maths.mix_gate(lw, xs)
+    r, k, v = _mix_projections(lw, xs)
+    main.wait_stream(side)
+    x, h, r, w, k, v, a, b, v_first = maths.wkv_inputs(lw, x, h, lora, r, k, v, v_first)
+    main.wait_stream(side2)
+    return x, h, r, w, k, v, a, b, g.view(x.shape), v_first
+
+
 def _block_out(lw: ServingWeights, x: torch.Tensor, y: torch.Tensor, r: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, g: torch.Tensor, ffn_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The rest of a block from the WKV output y [B, T, H, N]: its readout (GroupNorm, r.k bonus, gate; what the
@@ -744,4 +760,8 @@ class RWKV7(nn.Module):
             return maths.mix_in
         if self._side_stream is None:
             self._side_stream = torch.cuda.Stream(self.device)
+        if os.environ.get("RWKV_EXP_SIDES") == "2":  # EXPERIMENT
+            if not hasattr(self, "_side2"):
+                self._side2 = torch.cuda.Stream(self.device)
+            return functools.partial(_mix_in_overlapped2, maths, self._side_stream, self._side2)
         return functools.partial(_mix_in_overlapped, maths, self._side_stream)
