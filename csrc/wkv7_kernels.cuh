@@ -668,8 +668,8 @@ template <> struct Vec4<__nv_bfloat16> {
     }
 };
 
-template <typename T, int N, bool READOUT, int MINB = 0>
-__global__ void __launch_bounds__(DecodeLayout<N>::NT, MINB)
+template <typename T, int N, bool READOUT>
+__global__ void __launch_bounds__(DecodeLayout<N>::NT)
 decode_kernel(float* __restrict__ table, const int64_t* __restrict__ slots, const T* __restrict__ r,
               const T* __restrict__ w, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ a,
               const T* __restrict__ bb, T* __restrict__ y, int H, int64_t n_slots, Readout<T> ro) {

@@ -292,7 +292,7 @@ def test_cuda_serving_matches_forward_with_graphs(compiled, rows, overlap):
     exact = tiny_model(64, seed=12).to(dev)  # fp32: the truth both bf16 paths are measured against
     model = tiny_model(64, seed=12).to(dev, torch.bfloat16)
     model.compile_serving = compiled  # one row: the compiled step takes the sum form
-    model.overlap_gates = overlap  # the LoRAs and the gate on a second stream: graph forks and joins
+    model.overlap_gates = overlap  # the LoRAs and the gate on two side streams: graph forks and joins
     if overlap:
         model.stack_projections()  # as the engine does on a GPU: r/k/v as one batched GEMM
     B, S = len(rows), 6
