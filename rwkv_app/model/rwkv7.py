@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -482,29 +482,6 @@ def _mix_in_overlapped(maths: "ServingMaths", sides: tuple[torch.cuda.Stream, to
     return x, h, r, w, k, v, a, b, g.view(x.shape), v_first
 
 
-class _Aside:
-    """Work that a decode step runs on `stream` beside the current one, or inline when `stream` is None."""
-
-    def __init__(self, stream: Optional[torch.cuda.Stream]):
-        self.stream = stream
-        self._held: list = []  # what the current stream allocated and `stream` reads: alive until `join`
-
-    def run(self, fn: Callable, reads: Sequence[torch.Tensor] = ()):
-        if self.stream is None:
-            return fn()
-        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
-        self._held.append(reads)
-        with torch.cuda.stream(self.stream):
-            # what it allocates is reused there only after its next wait on the current stream, which has read it
-            return fn()
-
-    def join(self) -> None:
-        """Make the current stream wait for what `run` queued so far."""
-        if self.stream is not None:
-            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
-            self._held.clear()
-
-
 def _block_out(lw: ServingWeights, x: torch.Tensor, y: torch.Tensor, r: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, g: torch.Tensor, ffn_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The rest of a block from the WKV output y [B, T, H, N]: its readout (GroupNorm, r.k bonus, gate; what the
@@ -592,7 +569,7 @@ class RWKV7(nn.Module):
         self.compile_serving = False  # prefill / decode_step: torch.compile the per-block maths (worth it on CUDA)
         self._serving_cache: Optional[tuple] = None  # (weight versions, [ServingWeights]) for the serving paths
         self.overlap_gates = False  # decode steps of several rows: LoRAs and gate on side CUDA streams (engines: on GPU)
-        self._side_streams: Optional[tuple[torch.cuda.Stream, ...]] = None
+        self._side_streams: Optional[tuple[torch.cuda.Stream, torch.cuda.Stream]] = None
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
@@ -700,32 +677,22 @@ class RWKV7(nn.Module):
         B = tokens.shape[0]
         H, N = self.cfg.num_heads, self.cfg.head_dim
         maths = self._serving_maths()
-        sides = self._decode_side_streams(B)
-        mix_in = maths.mix_in if sides is None else functools.partial(_mix_in_overlapped, maths, sides[:2])
-        # one gather and one scatter per shift table for the whole step, not two per layer; beside the main stream
-        # where they may wait (0.2 ms of a 7.2B step at batch 128): the FFN rows are first read by block 0's channel
-        # mix, and the new rows are written while the last block, then the head, run
-        aside = _Aside(None if sides is None else sides[2])
+        mix_in = self._decode_mix_in(maths, B)
+        # one gather and one scatter per shift table for the whole step, not two per layer
         att_prev = state.att_shift.index_select(1, slots)                 # [L, B, C]
-        ffn_prev = aside.run(lambda: state.ffn_shift.index_select(1, slots))
+        ffn_prev = state.ffn_shift.index_select(1, slots)
         x, v_first = self.emb(tokens).unsqueeze(1), None                   # [B, 1, C]
         att_last, ffn_last = [], []
-        layers = self._serving_weights()
-        for i, lw in enumerate(layers):
+        for i, lw in enumerate(self._serving_weights()):
             x, h, r, w, k, v, a, b, g, v_first = mix_in(lw, x, att_prev[i], v_first)
-            att_last.append(h[:, 0])
-            if i == len(layers) - 1:
-                aside.run(lambda: state.att_shift.index_copy_(1, slots, torch.stack(att_last)), att_last)
             readout = Readout(g.view(B, H, N), lw.ln_x_w, lw.ln_x_b, lw.r_k, LN_X_EPS)
             z = wkv7_decode(state.wkv[i], slots, *(t.view(B, H, N) for t in (r, w, k, v, a, b)), readout)
-            if i == 0:
-                aside.join()  # ffn_prev gathered
             x, h2 = maths.block_ffn(lw, x, z.view(B, 1, -1), ffn_prev[i])
+            att_last.append(h[:, 0])
             ffn_last.append(h2[:, 0])
-        aside.run(lambda: state.ffn_shift.index_copy_(1, slots, torch.stack(ffn_last)), ffn_last)
-        logits = self.head(self.ln_out(x[:, 0]))
-        aside.join()
-        return logits
+        state.att_shift.index_copy_(1, slots, torch.stack(att_last))
+        state.ffn_shift.index_copy_(1, slots, torch.stack(ffn_last))
+        return self.head(self.ln_out(x[:, 0]))
 
     def _serving_weights(self) -> list["ServingWeights"]:
         """Every block's `ServingWeights`, rebuilt when a parameter was replaced or changed in place."""
@@ -770,11 +737,11 @@ class RWKV7(nn.Module):
             return _compiled.maths
         return EAGER_SERVING
 
-    def _decode_side_streams(self, rows: int) -> Optional[tuple[torch.cuda.Stream, ...]]:
-        """Side streams for a decode step of `rows` sequences (the LoRAs', the gate's, the shift tables'): with
-        `overlap_gates`, on CUDA and several rows; None otherwise (everything on the current stream)."""
+    def _decode_mix_in(self, maths: ServingMaths, rows: int) -> Callable:
+        """`mix_in` for a decode step of `rows` sequences: with `overlap_gates`, on CUDA and several rows, the LoRAs
+        and the gate run on two side streams beside the r/k/v projections."""
         if not (self.overlap_gates and rows > 1 and self.device.type == "cuda"):
-            return None
+            return maths.mix_in
         if self._side_streams is None:
-            self._side_streams = tuple(torch.cuda.Stream(self.device) for _ in range(3))
-        return self._side_streams
+            self._side_streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
+        return functools.partial(_mix_in_overlapped, maths, self._side_streams)
