@@ -326,7 +326,8 @@ def main(argv=None) -> int:
     ap.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
                     help="an inductor option for the compiled serving maths (repeatable), e.g. max_autotune=true")
     ap.add_argument("--overlap", default="on",
-                    help="decode steps with the LoRAs and the gate on side streams (RWKV7.overlap_gates, on in rwkv-infer): "
+                    help="decode steps with the LoRAs and the gate on side streams (RWKV7.overlap_gates, on in "
+                         "rwkv-infer): "
                          "off, on, or both alternating (off,on)")
     ap.add_argument("--rounds", type=int, default=1, help="rounds over the --overlap settings per batch size")
     ap.add_argument("--stack-rkv", choices=("on", "off"), default="on",

@@ -296,11 +296,13 @@ class Block(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------- serving maths
 # `prefill` and `decode_step` run each block as two pure functions around the WKV op, written for few kernels: one
-# lerp builds all six token-shift mixes, one batched matmul each way runs the w/a/v LoRAs, the residual adds ride
-# on the output matmuls (addmm), and the shift rows are gathered/scattered once per step for all layers. The same
-# functions, under `torch.compile`, become a handful of fused kernels per block (`RWKV7.compile_serving`). For a
-# single token (decode at batch 1) the compiled form also writes every matmul as a product and a sum (`_mm`): the
-# sums become reduction kernels that stream each weight once, with the elementwise work on either side fused in.
+# lerp builds all six token-shift mixes, one batched matmul each way runs the w/a/v LoRAs (and one the r/k/v
+# projections when their weights are stacked), the channel mix's residual add rides on its output matmul (addmm),
+# decode's WKV kernel applies the readout (GroupNorm, bonus, gate) itself, and the shift rows are gathered and
+# scattered once per step for all layers. The same functions, under `torch.compile`, become a handful of fused
+# kernels per block (`RWKV7.compile_serving`). For a single token (decode at batch 1) the compiled form also writes
+# every matmul as a product and a sum (`_mm`): the sums become reduction kernels that stream each weight once, with
+# the elementwise work on either side fused in.
 
 LN_EPS = 1e-5  # nn.LayerNorm's default, used by ln0/ln1/ln2/ln_out
 
@@ -415,7 +417,7 @@ def _mix_loras(lw: ServingWeights, xs: torch.Tensor, by_sum: bool = False) -> to
 
 
 def _mix_gate(lw: ServingWeights, xs: torch.Tensor, by_sum: bool = False) -> torch.Tensor:
-    """The output gate g [BT, C] from the mixes xs (its own LoRA); only `_block_out` reads it."""
+    """The output gate g [BT, C] from the mixes xs (its own LoRA); only the WKV readout reads it."""
     return _mm(torch.sigmoid(_mm(xs[0], lw.g1, by_sum=by_sum)), lw.g2, by_sum=by_sum)
 
 
@@ -464,8 +466,8 @@ def _mix_in_overlapped(maths: "ServingMaths", sides: tuple[torch.cuda.Stream, to
                        x: torch.Tensor, att_prev: torch.Tensor, v_first: Optional[torch.Tensor]):
     """`_mix_in` with the LoRAs and the output gate each on a stream of `sides`, beside the r/k/v projections: at a
     few rows their small GEMMs and activations are latency-bound and can hide behind the projections' weight
-    streaming (two chains side by side: +2.5% at 7.2B batch 128 over one side stream running both). Several rows
-    only (the one-row sum form fuses them into their neighbours instead)."""
+    streaming (two chains side by side: +2.5% at 7.2B batch 128 over one stream running both, on an H200). Rows
+    past one only (the one-row sum form fuses them into their neighbours instead)."""
     x, h, xs = maths.mix_inputs(lw, x, att_prev)
     main = torch.cuda.current_stream(x.device)
     for side in sides:
@@ -568,7 +570,7 @@ class RWKV7(nn.Module):
         self._blocks_compiled = False  # `compile_blocks` was called
         self.compile_serving = False  # prefill / decode_step: torch.compile the per-block maths (worth it on CUDA)
         self._serving_cache: Optional[tuple] = None  # (weight versions, [ServingWeights]) for the serving paths
-        self.overlap_gates = False  # decode steps of several rows: LoRAs and gate on side CUDA streams (engines: on GPU)
+        self.overlap_gates = False  # decode steps of several rows: LoRAs, gate on side CUDA streams (engines: GPU)
         self._side_streams: Optional[tuple[torch.cuda.Stream, torch.cuda.Stream]] = None
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
