@@ -510,8 +510,9 @@ def _block_ffn(lw: ServingWeights, x: torch.Tensor, z: torch.Tensor,
 
 
 class ServingMaths(NamedTuple):
-    """The serving paths' block functions: `mix_in` and `block_out` around the WKV op, and the pieces of `mix_in`
-    that `_mix_in_overlapped` runs on two streams."""
+    """The serving paths' block functions: `mix_in` before the WKV op, `block_out` after it in prefill, `block_ffn`
+    after it in decode (whose WKV kernel applies the readout), and the pieces of `mix_in` that `_mix_in_overlapped`
+    runs on the main and two side streams."""
 
     mix_in: Callable
     block_out: Callable
