@@ -295,14 +295,14 @@ class Block(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------- serving maths
-# `prefill` and `decode_step` run each block as two pure functions around the WKV op, written for few kernels: one
+# `prefill` and `decode_step` run each block as two functions around the WKV op, written for few kernels: one
 # lerp builds all six token-shift mixes, one batched matmul each way runs the w/a/v LoRAs (and one the r/k/v
-# projections when their weights are stacked), the channel mix's residual add rides on its output matmul (addmm),
-# decode's WKV kernel applies the readout (GroupNorm, bonus, gate) itself, and the shift rows are gathered and
-# scattered once per step for all layers. The same functions, under `torch.compile`, become a handful of fused
-# kernels per block (`RWKV7.compile_serving`). For a single token (decode at batch 1) the compiled form also writes
-# every matmul as a product and a sum (`_mm`): the sums become reduction kernels that stream each weight once, with
-# the elementwise work on either side fused in.
+# projections when their weights are stacked), each residual add joins the LayerNorm that reads its sum, decode's
+# WKV kernel applies the readout (GroupNorm, bonus, gate) itself, and the shift rows of the state table are read and
+# written where the LayerNorms make them (their only side effect). The same functions, under `torch.compile`,
+# become a handful of fused kernels per block (`RWKV7.compile_serving`). For a single token (decode at batch 1) the
+# compiled form also writes every matmul as a product and a sum (`_mm`): the sums become reduction kernels that
+# stream each weight once, with the elementwise work on either side fused in.
 
 LN_EPS = 1e-5  # nn.LayerNorm's default, used by ln0/ln1/ln2/ln_out
 
@@ -399,13 +399,39 @@ def _by_sum(x: torch.Tensor) -> bool:
     return x.shape[0] * x.shape[1] == 1 and torch.compiler.is_compiling()
 
 
-def _mix_inputs(lw: ServingWeights, x: torch.Tensor, att_prev: torch.Tensor):
-    """A block's input x [B, T, C] -> (x after ln0, h = ln1(x), xs [6, BT, C]: the six token-shift mixes)."""
+class ShiftRows(NamedTuple):
+    """The rows `slots` [B] of one layer's shift table [S, C] (a state table's att_shift[i] or ffn_shift[i]), which
+    a serving step reads and updates."""
+
+    table: torch.Tensor
+    slots: torch.Tensor
+
+
+def _shift_rows(h: torch.Tensor, rows: ShiftRows) -> torch.Tensor:
+    """The token shift of h [B, T, C] for the sequences in `rows` (each row: the last token before h), and those rows
+    set to h's last token. Compiled, the row reads and writes join the kernels that make and use h: no gather or
+    scatter of their own (at 7.2B batch 128 those took about 2% of a decode step)."""
+    shifted = _shifted(h, rows.table.index_select(0, rows.slots))
+    rows.table.index_copy_(0, rows.slots, h[:, -1])
+    return shifted
+
+
+def _made_here(slots: torch.Tensor) -> torch.Tensor:
+    """A copy of the slot ids, made in the caller's mode like every other tensor a serving step hands the compiled
+    maths (slots come from outside and inside inference mode alike, and Dynamo's guards tell the kinds apart)."""
+    return slots.clone()
+
+
+def _mix_inputs(lw: ServingWeights, x: torch.Tensor, delta: Optional[torch.Tensor], att_rows: ShiftRows):
+    """A block's input x [B, T, C] (+ the previous block's channel-mix output `delta`, added here where the LayerNorm
+    reads x anyway) -> (x after ln0, xs [6, BT, C]: the six token-shift mixes); updates the att shift rows."""
     B, T, C = x.shape
+    if delta is not None:
+        x = x + delta
     if lw.ln0 is not None:
         x = F.layer_norm(x, (C,), *lw.ln0, eps=LN_EPS)
     h = F.layer_norm(x, (C,), lw.ln1_w, lw.ln1_b, eps=LN_EPS)
-    return x, h, torch.lerp(h, _shifted(h, att_prev), lw.mix).view(6, B * T, C)   # h + (shifted - h) * x_*
+    return x, torch.lerp(h, _shift_rows(h, att_rows), lw.mix).view(6, B * T, C)  # h + (shifted - h) * x_*
 
 
 def _mix_loras(lw: ServingWeights, xs: torch.Tensor, by_sum: bool = False) -> torch.Tensor:
@@ -431,8 +457,8 @@ def _mix_projections(lw: ServingWeights, xs: torch.Tensor, by_sum: bool = False)
             _mm(xs[3], lw.value.t(), by_sum=by_sum))
 
 
-def _wkv_inputs(lw: ServingWeights, x: torch.Tensor, h: torch.Tensor, lora: torch.Tensor, r: torch.Tensor,
-                k: torch.Tensor, v: torch.Tensor, v_first: Optional[torch.Tensor]):
+def _wkv_inputs(lw: ServingWeights, x: torch.Tensor, lora: torch.Tensor, r: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor, v_first: Optional[torch.Tensor]):
     """The projections and `_mix_loras`'s output -> `_mix_in`'s result, less the gate g."""
     B, T, C = x.shape
     H, N = lw.r_k.shape
@@ -449,26 +475,28 @@ def _wkv_inputs(lw: ServingWeights, x: torch.Tensor, h: torch.Tensor, lora: torc
     # (S (-kk)) (kk a)^T = (S kk) (-(kk a))^T, bit for bit (negation is exact). That saves the negation kernel.
     b = torch.addcmul(lw.zero, kk, a.view(B * T, H, N), value=-1)
     seq = lambda t: t.view(B, T, C)  # noqa: E731
-    return x, h, seq(r), seq(w), seq(k), seq(v), seq(kk), seq(b), v_first
+    return x, seq(r), seq(w), seq(k), seq(v), seq(kk), seq(b), v_first
 
 
-def _mix_in(lw: ServingWeights, x: torch.Tensor, att_prev: torch.Tensor, v_first: Optional[torch.Tensor]):
-    """A block's input x [B, T, C] -> (x after ln0, h = ln1(x), r, w, k, v, a, b, g, v_first), all [B, T, C]:
-    the six WKV inputs (w the raw decay, a = kk, b = -kk * a_gate) and what `_block_out` needs."""
+def _mix_in(lw: ServingWeights, x: torch.Tensor, delta: Optional[torch.Tensor], att_rows: ShiftRows,
+            v_first: Optional[torch.Tensor]):
+    """A block's input x [B, T, C] (+ `delta`, see `_mix_inputs`) -> (x after ln0, r, w, k, v, a, b, g, v_first), all
+    [B, T, C]: the six WKV inputs (w the raw decay, a = kk, b = -kk * a_gate) and what `_block_out` needs."""
     by_sum = _by_sum(x)
-    x, h, xs = _mix_inputs(lw, x, att_prev)
-    x, h, r, w, k, v, a, b, v_first = _wkv_inputs(lw, x, h, _mix_loras(lw, xs, by_sum),
-                                                  *_mix_projections(lw, xs, by_sum), v_first)
-    return x, h, r, w, k, v, a, b, _mix_gate(lw, xs, by_sum).view(x.shape), v_first
+    x, xs = _mix_inputs(lw, x, delta, att_rows)
+    x, r, w, k, v, a, b, v_first = _wkv_inputs(lw, x, _mix_loras(lw, xs, by_sum), *_mix_projections(lw, xs, by_sum),
+                                               v_first)
+    return x, r, w, k, v, a, b, _mix_gate(lw, xs, by_sum).view(x.shape), v_first
 
 
 def _mix_in_overlapped(maths: "ServingMaths", sides: tuple[torch.cuda.Stream, torch.cuda.Stream], lw: ServingWeights,
-                       x: torch.Tensor, att_prev: torch.Tensor, v_first: Optional[torch.Tensor]):
+                       x: torch.Tensor, delta: Optional[torch.Tensor], att_rows: ShiftRows,
+                       v_first: Optional[torch.Tensor]):
     """`_mix_in` with the LoRAs and the output gate each on a stream of `sides`, beside the r/k/v projections: at a
     few rows their small GEMMs and activations are latency-bound and can hide behind the projections' weight
     streaming (two chains side by side: +2.5% at 7.2B batch 128 over one stream running both, on an H200). Rows
     past one only (the one-row sum form fuses them into their neighbours instead)."""
-    x, h, xs = maths.mix_inputs(lw, x, att_prev)
+    x, xs = maths.mix_inputs(lw, x, delta, att_rows)
     main = torch.cuda.current_stream(x.device)
     for side in sides:
         side.wait_stream(main)
@@ -479,34 +507,36 @@ def _mix_in_overlapped(maths: "ServingMaths", sides: tuple[torch.cuda.Stream, to
         g = maths.mix_gate(lw, xs)
     r, k, v = _mix_projections(lw, xs)
     main.wait_stream(sides[0])
-    x, h, r, w, k, v, a, b, v_first = maths.wkv_inputs(lw, x, h, lora, r, k, v, v_first)
+    x, r, w, k, v, a, b, v_first = maths.wkv_inputs(lw, x, lora, r, k, v, v_first)
     main.wait_stream(sides[1])  # the WKV kernel reads the gate (its readout)
-    return x, h, r, w, k, v, a, b, g.view(x.shape), v_first
+    return x, r, w, k, v, a, b, g.view(x.shape), v_first
 
 
 def _block_out(lw: ServingWeights, x: torch.Tensor, y: torch.Tensor, r: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor, g: torch.Tensor, ffn_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+               v: torch.Tensor, g: torch.Tensor,
+               ffn_rows: ShiftRows) -> tuple[torch.Tensor, torch.Tensor]:
     """The rest of a block from the WKV output y [B, T, H, N]: its readout (GroupNorm, r.k bonus, gate; what the
     decode kernel fuses), then `_block_ffn`."""
     heads = lambda t: t.view(y.shape)  # noqa: E731
     z = wkv7_readout(y, heads(r), heads(k), heads(v), Readout(heads(g), lw.ln_x_w, lw.ln_x_b, lw.r_k, LN_X_EPS))
-    return _block_ffn(lw, x, z.view(x.shape), ffn_prev)
+    return _block_ffn(lw, x, z.view(x.shape), ffn_rows)
 
 
 def _block_ffn(lw: ServingWeights, x: torch.Tensor, z: torch.Tensor,
-               ffn_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rest of a block from the WKV readout z [B, T, C]: the output projection and the channel mix. Returns
-    (block output [B, T, C], h2 = ln2 output [B, T, C])."""
+               ffn_rows: ShiftRows) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rest of a block from the WKV readout z [B, T, C]: the output projection and the channel mix; updates the
+    ffn shift rows. Returns (x [B, T, C], delta [B, T, C]): the block's output is x + delta, which the next block's
+    `_mix_inputs` (or the head) adds. Left apart, the add needs no kernel of its own: written on the channel mix's
+    last product, inductor makes it an addmm, which first copies x into its output (a launch per block)."""
     B, T, C = x.shape
     by_sum = _by_sum(x)
-    # the residual add stays out of the product: inductor turns an add of a bare matmul into addmm, which first
-    # copies x into its output; behind a view it joins the LayerNorm kernel that reads x anyway
+    # for the same reason the attention's residual add stays out of its product: behind a view it joins the
+    # LayerNorm kernel that reads x anyway
     x = x + _mm(z.view(B * T, C), lw.output.t(), by_sum=by_sum).view(B, T, C)
     h2 = F.layer_norm(x, (C,), lw.ln2_w, lw.ln2_b, eps=LN_EPS)
-    kx = torch.lerp(h2, _shifted(h2, ffn_prev), lw.ffn_mix).view(B * T, C)
-    x = _mm(torch.relu(_mm(kx, lw.ffn_key.t(), by_sum=by_sum)).square_(), lw.ffn_value.t(), x.view(B * T, C),
-            by_sum=by_sum)
-    return x.view(B, T, C), h2
+    kx = torch.lerp(h2, _shift_rows(h2, ffn_rows), lw.ffn_mix).view(B * T, C)
+    delta = _mm(torch.relu(_mm(kx, lw.ffn_key.t(), by_sum=by_sum)).square_(), lw.ffn_value.t(), by_sum=by_sum)
+    return x, delta.view(B, T, C)
 
 
 class ServingMaths(NamedTuple):
@@ -539,17 +569,20 @@ class _Compiled:
         self.maths = ServingMaths(*(functools.partial(self._run, name) for name in ServingMaths._fields))
 
     def _run(self, name: str, *args):
+        import torch._dynamo  # (imports the compiler: on first use only)
+
         if self.error is None:
             try:
                 with self._lock:
                     if name not in self._fns:
-                        import torch._dynamo
-
                         # a graph per kind of call (one token | tokens [1, T] | rows [B, 1] | [B, T], sizes past 1
                         # dynamic from their second value on: `RWKV7.warm_up_serving`) x (block 0 or not) x shape
                         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
                         self._fns[name] = torch.compile(getattr(EAGER_SERVING, name), fullgraph=True,
                                                         options=self.options)
+                    for rows in args:  # state tables differ in size (engines', the warm-up's, 1 row or more):
+                        if isinstance(rows, ShiftRows):  # one graph for all, not one per size 1, 2 and past 2
+                            torch._dynamo.decorators.mark_unbacked(rows.table, 0)
                     return self._fns[name](*args)
             except torch.OutOfMemoryError:
                 raise
@@ -657,22 +690,16 @@ class RWKV7(nn.Module):
         B, T = tokens.shape
         H, N = self.cfg.num_heads, self.cfg.head_dim
         maths = self._serving_maths()
-        att_prev = state.att_shift.index_select(1, slots)                 # [L, B, C]
-        ffn_prev = state.ffn_shift.index_select(1, slots)
-        x, v_first = self.emb(tokens), None                                # [B, T, C]
-        att_last, ffn_last = [], []
+        slots = _made_here(slots)
+        x, delta, v_first = self.emb(tokens), None, None                   # [B, T, C]
         for i, lw in enumerate(self._serving_weights()):
-            x, h, r, w, k, v, a, b, g, v_first = maths.mix_in(lw, x, att_prev[i], v_first)
+            x, r, w, k, v, a, b, g, v_first = maths.mix_in(lw, x, delta, ShiftRows(state.att_shift[i], slots), v_first)
             wkv = state.wkv[i].index_select(0, slots)                      # private rows: the kernel works in place
             y = wkv7_inference(*(t.view(B, T, H, N) for t in (r, w, k, v, a, b)), wkv)
             state.wkv[i].index_copy_(0, slots, wkv)
             # one layout whatever the WKV implementation returned: compiled graphs are traced for given strides
-            x, h2 = maths.block_out(lw, x, y.contiguous(), r, k, v, g, ffn_prev[i])
-            att_last.append(h[:, -1])
-            ffn_last.append(h2[:, -1])
-        state.att_shift.index_copy_(1, slots, torch.stack(att_last))
-        state.ffn_shift.index_copy_(1, slots, torch.stack(ffn_last))
-        return self.head(self.ln_out(x[:, -1]))
+            x, delta = maths.block_out(lw, x, y.contiguous(), r, k, v, g, ShiftRows(state.ffn_shift[i], slots))
+        return self.head(self.ln_out(x[:, -1] + delta[:, -1]))
 
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, state: RWKV7State, slots: torch.Tensor) -> torch.Tensor:
@@ -681,21 +708,14 @@ class RWKV7(nn.Module):
         H, N = self.cfg.num_heads, self.cfg.head_dim
         maths = self._serving_maths()
         mix_in = self._decode_mix_in(maths, B)
-        # one gather and one scatter per shift table for the whole step, not two per layer
-        att_prev = state.att_shift.index_select(1, slots)                 # [L, B, C]
-        ffn_prev = state.ffn_shift.index_select(1, slots)
-        x, v_first = self.emb(tokens).unsqueeze(1), None                   # [B, 1, C]
-        att_last, ffn_last = [], []
+        slots = _made_here(slots)
+        x, delta, v_first = self.emb(tokens).unsqueeze(1), None, None      # [B, 1, C]
         for i, lw in enumerate(self._serving_weights()):
-            x, h, r, w, k, v, a, b, g, v_first = mix_in(lw, x, att_prev[i], v_first)
+            x, r, w, k, v, a, b, g, v_first = mix_in(lw, x, delta, ShiftRows(state.att_shift[i], slots), v_first)
             readout = Readout(g.view(B, H, N), lw.ln_x_w, lw.ln_x_b, lw.r_k, LN_X_EPS)
             z = wkv7_decode(state.wkv[i], slots, *(t.view(B, H, N) for t in (r, w, k, v, a, b)), readout)
-            x, h2 = maths.block_ffn(lw, x, z.view(B, 1, -1), ffn_prev[i])
-            att_last.append(h[:, 0])
-            ffn_last.append(h2[:, 0])
-        state.att_shift.index_copy_(1, slots, torch.stack(att_last))
-        state.ffn_shift.index_copy_(1, slots, torch.stack(ffn_last))
-        return self.head(self.ln_out(x[:, 0]))
+            x, delta = maths.block_ffn(lw, x, z.view(B, 1, -1), ShiftRows(state.ffn_shift[i], slots))
+        return self.head(self.ln_out(x[:, 0] + delta[:, 0]))
 
     def _serving_weights(self) -> list["ServingWeights"]:
         """Every block's `ServingWeights`, rebuilt when a parameter was replaced or changed in place."""
@@ -720,8 +740,11 @@ class RWKV7(nn.Module):
         7.2B step at batch 128 ran 3-4x slower."""
         if not self.compile_serving:
             return
-        with torch.inference_mode():  # as the engine serves: a graph traced outside it would not be reused inside
+        # a normal tensor, as an engine's table is (made outside inference mode): the graphs read and write the
+        # table itself, and Dynamo's guards tell the two kinds of tensor apart
+        with torch.inference_mode(False):
             state = self.new_state(batch)
+        with torch.inference_mode():  # as the engine serves: a graph traced outside it would not be reused inside
             rows = torch.arange(batch, device=self.device)
             tokens = torch.zeros(batch, chunk, dtype=torch.long, device=self.device)
             # decode and prefill call different functions (`_block_ffn` | `_block_out`; with `overlap_gates`, the
