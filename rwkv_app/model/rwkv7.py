@@ -400,20 +400,46 @@ def _by_sum(x: torch.Tensor) -> bool:
 
 
 class ShiftRows(NamedTuple):
-    """The rows `slots` [B] of one layer's shift table [S, C] (a state table's att_shift[i] or ffn_shift[i]), which
-    a serving step reads and updates."""
+    """The rows `slots` [B] of one layer's shift table [S, C] (a state table's att_shift[i] or ffn_shift[i]): each
+    row holds the last token a sequence's block saw at that point (its LayerNorm output). `read`: those rows [B, C]
+    read beforehand, for a single token, whose compiled matrix-vector kernels would otherwise take the indexed read
+    into their loops and repeat it for every tile of the weight (7.2B batch 1: 157 -> 145 tok/s)."""
 
     table: torch.Tensor
     slots: torch.Tensor
+    read: Optional[torch.Tensor] = None
 
 
+class RowsUpdate(NamedTuple):
+    """Shift rows to set to the last token of `h` [B, T, C]."""
+
+    rows: ShiftRows
+    h: torch.Tensor
+
+
+# A serving step reads each shift row and sets it again inside the compiled maths, where the LayerNorm kernels make
+# and use it: no gathers or scatters of their own (those took about 2% of a 7.2B decode step at batch 128). The write
+# waits for the next function, which reads only the other table: a graph that reads a table and writes it too gets
+# a copy of the whole table (functionalization keeps the old one for the read) instead of a write in place.
 def _shift_rows(h: torch.Tensor, rows: ShiftRows) -> torch.Tensor:
-    """The token shift of h [B, T, C] for the sequences in `rows` (each row: the last token before h), and those rows
-    set to h's last token. Compiled, the row reads and writes join the kernels that make and use h: no gather or
-    scatter of their own (at 7.2B batch 128 those took about 2% of a decode step)."""
-    shifted = _shifted(h, rows.table.index_select(0, rows.slots))
-    rows.table.index_copy_(0, rows.slots, h[:, -1])
-    return shifted
+    """The token shift of h [B, T, C] for the sequences in `rows` (each row: the last token before h)."""
+    return _shifted(h, rows.table.index_select(0, rows.slots) if rows.read is None else rows.read)
+
+
+def _step_shift_rows(state: RWKV7State, slots: torch.Tensor, tokens: int) -> list[tuple[ShiftRows, ShiftRows]]:
+    """Each layer's att and ffn `ShiftRows` for a serving step of `tokens` tokens in all (for one token, with the rows
+    read beforehand: one gather per table for every layer)."""
+    tables = (state.att_shift, state.ffn_shift)
+    if tokens != 1:
+        return [tuple(ShiftRows(t[i], slots) for t in tables) for i in range(len(state.att_shift))]
+    reads = [t.index_select(1, slots) for t in tables]                      # [L, 1, C]
+    return [tuple(ShiftRows(t[i], slots, read[i]) for t, read in zip(tables, reads))
+            for i in range(len(state.att_shift))]
+
+
+def _update_rows(update: Optional[RowsUpdate]) -> None:
+    if update is not None:
+        update.rows.table.index_put_((update.rows.slots,), update.h[:, -1])
 
 
 def _made_here(slots: torch.Tensor) -> torch.Tensor:
@@ -422,16 +448,19 @@ def _made_here(slots: torch.Tensor) -> torch.Tensor:
     return slots.clone()
 
 
-def _mix_inputs(lw: ServingWeights, x: torch.Tensor, delta: Optional[torch.Tensor], att_rows: ShiftRows):
+def _mix_inputs(lw: ServingWeights, x: torch.Tensor, delta: Optional[torch.Tensor], att_rows: ShiftRows,
+                ffn_update: Optional[RowsUpdate]):
     """A block's input x [B, T, C] (+ the previous block's channel-mix output `delta`, added here where the LayerNorm
-    reads x anyway) -> (x after ln0, xs [6, BT, C]: the six token-shift mixes); updates the att shift rows."""
+    reads x anyway) -> (x after ln0, h = ln1(x), xs [6, BT, C]: the six token-shift mixes); makes the previous
+    block's `ffn_update`."""
     B, T, C = x.shape
+    _update_rows(ffn_update)
     if delta is not None:
         x = x + delta
     if lw.ln0 is not None:
         x = F.layer_norm(x, (C,), *lw.ln0, eps=LN_EPS)
     h = F.layer_norm(x, (C,), lw.ln1_w, lw.ln1_b, eps=LN_EPS)
-    return x, torch.lerp(h, _shift_rows(h, att_rows), lw.mix).view(6, B * T, C)  # h + (shifted - h) * x_*
+    return x, h, torch.lerp(h, _shift_rows(h, att_rows), lw.mix).view(6, B * T, C)  # h + (shifted - h) * x_*
 
 
 def _mix_loras(lw: ServingWeights, xs: torch.Tensor, by_sum: bool = False) -> torch.Tensor:
@@ -479,24 +508,25 @@ def _wkv_inputs(lw: ServingWeights, x: torch.Tensor, lora: torch.Tensor, r: torc
 
 
 def _mix_in(lw: ServingWeights, x: torch.Tensor, delta: Optional[torch.Tensor], att_rows: ShiftRows,
-            v_first: Optional[torch.Tensor]):
-    """A block's input x [B, T, C] (+ `delta`, see `_mix_inputs`) -> (x after ln0, r, w, k, v, a, b, g, v_first), all
-    [B, T, C]: the six WKV inputs (w the raw decay, a = kk, b = -kk * a_gate) and what `_block_out` needs."""
+            ffn_update: Optional[RowsUpdate], v_first: Optional[torch.Tensor]):
+    """A block's input x [B, T, C] (+ `delta`, see `_mix_inputs`) -> (x after ln0, h = ln1(x), r, w, k, v, a, b, g,
+    v_first), all [B, T, C]: the six WKV inputs (w the raw decay, a = kk, b = -kk * a_gate) and what `_block_out`
+    needs."""
     by_sum = _by_sum(x)
-    x, xs = _mix_inputs(lw, x, delta, att_rows)
+    x, h, xs = _mix_inputs(lw, x, delta, att_rows, ffn_update)
     x, r, w, k, v, a, b, v_first = _wkv_inputs(lw, x, _mix_loras(lw, xs, by_sum), *_mix_projections(lw, xs, by_sum),
                                                v_first)
-    return x, r, w, k, v, a, b, _mix_gate(lw, xs, by_sum).view(x.shape), v_first
+    return x, h, r, w, k, v, a, b, _mix_gate(lw, xs, by_sum).view(x.shape), v_first
 
 
 def _mix_in_overlapped(maths: "ServingMaths", sides: tuple[torch.cuda.Stream, torch.cuda.Stream], lw: ServingWeights,
                        x: torch.Tensor, delta: Optional[torch.Tensor], att_rows: ShiftRows,
-                       v_first: Optional[torch.Tensor]):
+                       ffn_update: Optional[RowsUpdate], v_first: Optional[torch.Tensor]):
     """`_mix_in` with the LoRAs and the output gate each on a stream of `sides`, beside the r/k/v projections: at a
     few rows their small GEMMs and activations are latency-bound and can hide behind the projections' weight
     streaming (two chains side by side: +2.5% at 7.2B batch 128 over one stream running both, on an H200). Rows
     past one only (the one-row sum form fuses them into their neighbours instead)."""
-    x, xs = maths.mix_inputs(lw, x, delta, att_rows)
+    x, h, xs = maths.mix_inputs(lw, x, delta, att_rows, ffn_update)
     main = torch.cuda.current_stream(x.device)
     for side in sides:
         side.wait_stream(main)
@@ -509,34 +539,33 @@ def _mix_in_overlapped(maths: "ServingMaths", sides: tuple[torch.cuda.Stream, to
     main.wait_stream(sides[0])
     x, r, w, k, v, a, b, v_first = maths.wkv_inputs(lw, x, lora, r, k, v, v_first)
     main.wait_stream(sides[1])  # the WKV kernel reads the gate (its readout)
-    return x, r, w, k, v, a, b, g.view(x.shape), v_first
+    return x, h, r, w, k, v, a, b, g.view(x.shape), v_first
 
 
 def _block_out(lw: ServingWeights, x: torch.Tensor, y: torch.Tensor, r: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor, g: torch.Tensor,
-               ffn_rows: ShiftRows) -> tuple[torch.Tensor, torch.Tensor]:
+               v: torch.Tensor, g: torch.Tensor, ffn_rows: ShiftRows, att_update: RowsUpdate):
     """The rest of a block from the WKV output y [B, T, H, N]: its readout (GroupNorm, r.k bonus, gate; what the
     decode kernel fuses), then `_block_ffn`."""
     heads = lambda t: t.view(y.shape)  # noqa: E731
     z = wkv7_readout(y, heads(r), heads(k), heads(v), Readout(heads(g), lw.ln_x_w, lw.ln_x_b, lw.r_k, LN_X_EPS))
-    return _block_ffn(lw, x, z.view(x.shape), ffn_rows)
+    return _block_ffn(lw, x, z.view(x.shape), ffn_rows, att_update)
 
 
-def _block_ffn(lw: ServingWeights, x: torch.Tensor, z: torch.Tensor,
-               ffn_rows: ShiftRows) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rest of a block from the WKV readout z [B, T, C]: the output projection and the channel mix; updates the
-    ffn shift rows. Returns (x [B, T, C], delta [B, T, C]): the block's output is x + delta, which the next block's
-    `_mix_inputs` (or the head) adds. Left apart, the add needs no kernel of its own: written on the channel mix's
-    last product, inductor makes it an addmm, which first copies x into its output (a launch per block)."""
+def _block_ffn(lw: ServingWeights, x: torch.Tensor, z: torch.Tensor, ffn_rows: ShiftRows, att_update: RowsUpdate):
+    """The rest of a block from the WKV readout z [B, T, C]: the output projection and the channel mix; makes the
+    block's `att_update`. Returns (x, delta, h2 = ln2 output), all [B, T, C]: the block's output is x + delta, which
+    the next block's `_mix_inputs` (or the head) adds. Left apart, the add needs no kernel of its own: written on the
+    channel mix's last product, inductor makes it an addmm, which first copies x into its output."""
     B, T, C = x.shape
     by_sum = _by_sum(x)
+    _update_rows(att_update)
     # for the same reason the attention's residual add stays out of its product: behind a view it joins the
     # LayerNorm kernel that reads x anyway
     x = x + _mm(z.view(B * T, C), lw.output.t(), by_sum=by_sum).view(B, T, C)
     h2 = F.layer_norm(x, (C,), lw.ln2_w, lw.ln2_b, eps=LN_EPS)
     kx = torch.lerp(h2, _shift_rows(h2, ffn_rows), lw.ffn_mix).view(B * T, C)
     delta = _mm(torch.relu(_mm(kx, lw.ffn_key.t(), by_sum=by_sum)).square_(), lw.ffn_value.t(), by_sum=by_sum)
-    return x, delta.view(B, T, C)
+    return x, delta.view(B, T, C), h2
 
 
 class ServingMaths(NamedTuple):
@@ -580,9 +609,14 @@ class _Compiled:
                         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
                         self._fns[name] = torch.compile(getattr(EAGER_SERVING, name), fullgraph=True,
                                                         options=self.options)
-                    for rows in args:  # state tables differ in size (engines', the warm-up's, 1 row or more):
-                        if isinstance(rows, ShiftRows):  # one graph for all, not one per size 1, 2 and past 2
+                    for arg in args:
+                        rows = arg.rows if isinstance(arg, RowsUpdate) else arg
+                        if isinstance(rows, ShiftRows):
+                            # state tables differ in size (engines', the warm-up's, 1 row or more): one graph for
+                            # all, not one per size 1, 2 and past 2; and the rows read or written are as dynamic as
+                            # the batch from their first sight (as they first appear past one row)
                             torch._dynamo.decorators.mark_unbacked(rows.table, 0)
+                            torch._dynamo.maybe_mark_dynamic(rows.slots, 0)
                     return self._fns[name](*args)
             except torch.OutOfMemoryError:
                 raise
@@ -691,14 +725,18 @@ class RWKV7(nn.Module):
         H, N = self.cfg.num_heads, self.cfg.head_dim
         maths = self._serving_maths()
         slots = _made_here(slots)
-        x, delta, v_first = self.emb(tokens), None, None                   # [B, T, C]
+        x, delta, v_first, ffn_update = self.emb(tokens), None, None, None  # [B, T, C]
+        shift_rows = _step_shift_rows(state, slots, B * T)
         for i, lw in enumerate(self._serving_weights()):
-            x, r, w, k, v, a, b, g, v_first = maths.mix_in(lw, x, delta, ShiftRows(state.att_shift[i], slots), v_first)
+            att_rows, ffn_rows = shift_rows[i]
+            x, h, r, w, k, v, a, b, g, v_first = maths.mix_in(lw, x, delta, att_rows, ffn_update, v_first)
             wkv = state.wkv[i].index_select(0, slots)                      # private rows: the kernel works in place
             y = wkv7_inference(*(t.view(B, T, H, N) for t in (r, w, k, v, a, b)), wkv)
             state.wkv[i].index_copy_(0, slots, wkv)
             # one layout whatever the WKV implementation returned: compiled graphs are traced for given strides
-            x, delta = maths.block_out(lw, x, y.contiguous(), r, k, v, g, ShiftRows(state.ffn_shift[i], slots))
+            x, delta, h2 = maths.block_out(lw, x, y.contiguous(), r, k, v, g, ffn_rows, RowsUpdate(att_rows, h))
+            ffn_update = RowsUpdate(ffn_rows, h2)
+        _update_rows(ffn_update)
         return self.head(self.ln_out(x[:, -1] + delta[:, -1]))
 
     @torch.no_grad()
@@ -709,12 +747,16 @@ class RWKV7(nn.Module):
         maths = self._serving_maths()
         mix_in = self._decode_mix_in(maths, B)
         slots = _made_here(slots)
-        x, delta, v_first = self.emb(tokens).unsqueeze(1), None, None      # [B, 1, C]
+        x, delta, v_first, ffn_update = self.emb(tokens).unsqueeze(1), None, None, None  # [B, 1, C]
+        shift_rows = _step_shift_rows(state, slots, B)
         for i, lw in enumerate(self._serving_weights()):
-            x, r, w, k, v, a, b, g, v_first = mix_in(lw, x, delta, ShiftRows(state.att_shift[i], slots), v_first)
+            att_rows, ffn_rows = shift_rows[i]
+            x, h, r, w, k, v, a, b, g, v_first = mix_in(lw, x, delta, att_rows, ffn_update, v_first)
             readout = Readout(g.view(B, H, N), lw.ln_x_w, lw.ln_x_b, lw.r_k, LN_X_EPS)
             z = wkv7_decode(state.wkv[i], slots, *(t.view(B, H, N) for t in (r, w, k, v, a, b)), readout)
-            x, delta = maths.block_ffn(lw, x, z.view(B, 1, -1), ShiftRows(state.ffn_shift[i], slots))
+            x, delta, h2 = maths.block_ffn(lw, x, z.view(B, 1, -1), ffn_rows, RowsUpdate(att_rows, h))
+            ffn_update = RowsUpdate(ffn_rows, h2)
+        _update_rows(ffn_update)
         return self.head(self.ln_out(x[:, 0] + delta[:, 0]))
 
     def _serving_weights(self) -> list["ServingWeights"]:
@@ -749,7 +791,8 @@ class RWKV7(nn.Module):
             tokens = torch.zeros(batch, chunk, dtype=torch.long, device=self.device)
             # decode and prefill call different functions (`_block_ffn` | `_block_out`; with `overlap_gates`, the
             # pieces of `_mix_in` | `_mix_in`), so each makes its one-token calls at 1, `batch` and a second size of
-            # rows: the first size past 1 compiles a static graph, the second the dynamic one, tuned here
+            # rows: the first size past 1 compiles a static graph of the functions that take no shift rows (those
+            # that do are dynamic from it on), the second their dynamic one, tuned here
             for rows_now in (1, batch, batch - 1):
                 self.decode_step(tokens[:rows_now, 0], state, rows[:rows_now])
                 self.prefill(tokens[:rows_now, :1], state, rows[:rows_now])
