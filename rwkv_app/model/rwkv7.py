@@ -442,9 +442,10 @@ def _update_rows(update: Optional[RowsUpdate]) -> None:
         update.rows.table.index_put_((update.rows.slots,), update.h[:, -1])
 
 
-def _made_here(slots: torch.Tensor) -> torch.Tensor:
-    """A copy of the slot ids, made in the caller's mode like every other tensor a serving step hands the compiled
-    maths (slots come from outside and inside inference mode alike, and Dynamo's guards tell the kinds apart)."""
+def _fresh_slot_ids(slots: torch.Tensor) -> torch.Tensor:
+    """A copy of the slot ids, made in the step's own mode (inference or not) like every other tensor the step hands
+    the compiled maths: callers make slot ids inside and outside inference mode, and Dynamo's guards tell the two
+    kinds of tensor apart (a graph each)."""
     return slots.clone()
 
 
@@ -598,7 +599,7 @@ class _Compiled:
         self.maths = ServingMaths(*(functools.partial(self._run, name) for name in ServingMaths._fields))
 
     def _run(self, name: str, *args):
-        import torch._dynamo  # (imports the compiler: on first use only)
+        import torch._dynamo  # the compiler, imported on first use (a dictionary lookup after that)
 
         if self.error is None:
             try:
@@ -613,8 +614,8 @@ class _Compiled:
                         rows = arg.rows if isinstance(arg, RowsUpdate) else arg
                         if isinstance(rows, ShiftRows):
                             # state tables differ in size (engines', the warm-up's, 1 row or more): one graph for
-                            # all, not one per size 1, 2 and past 2; and the rows read or written are as dynamic as
-                            # the batch from their first sight (as they first appear past one row)
+                            # all, not one per size 1, 2 and past 2; slot ids are dynamic from the first batch past
+                            # one row (else that batch size would get a static graph of its own)
                             torch._dynamo.decorators.mark_unbacked(rows.table, 0)
                             torch._dynamo.maybe_mark_dynamic(rows.slots, 0)
                     return self._fns[name](*args)
@@ -724,7 +725,7 @@ class RWKV7(nn.Module):
         B, T = tokens.shape
         H, N = self.cfg.num_heads, self.cfg.head_dim
         maths = self._serving_maths()
-        slots = _made_here(slots)
+        slots = _fresh_slot_ids(slots)
         x, delta, v_first, ffn_update = self.emb(tokens), None, None, None  # [B, T, C]
         shift_rows = _step_shift_rows(state, slots, B * T)
         for i, lw in enumerate(self._serving_weights()):
@@ -746,7 +747,7 @@ class RWKV7(nn.Module):
         H, N = self.cfg.num_heads, self.cfg.head_dim
         maths = self._serving_maths()
         mix_in = self._decode_mix_in(maths, B)
-        slots = _made_here(slots)
+        slots = _fresh_slot_ids(slots)
         x, delta, v_first, ffn_update = self.emb(tokens).unsqueeze(1), None, None, None  # [B, 1, C]
         shift_rows = _step_shift_rows(state, slots, B)
         for i, lw in enumerate(self._serving_weights()):
