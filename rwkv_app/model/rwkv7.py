@@ -379,19 +379,16 @@ def _shifted(h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     return prev.unsqueeze(1) if h.shape[1] == 1 else _token_shift(h, prev)
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, add: Optional[torch.Tensor] = None, by_sum: bool = False) -> torch.Tensor:
-    """a [.., M, K] @ b [.., K, N] (+ add), as one cuBLAS call, or with `by_sum` as an fp32 product summed over K.
+def _mm(a: torch.Tensor, b: torch.Tensor, by_sum: bool = False) -> torch.Tensor:
+    """a [.., M, K] @ b [.., K, N], as one cuBLAS call, or with `by_sum` as an fp32 product summed over K.
 
     The sum form is for one token under torch.compile only: there the sum is a single reduction kernel that reads
     each weight once, takes the input's producers (LayerNorm, token-shift lerp) and the output's consumers
-    (activation, residual add) into the same kernel, and needs no split-K pass. On the H100 at batch 1 that beats
-    cuBLAS's small-M kernels plus the separate elementwise launches. Run eagerly it would materialise [.., M, K, N]."""
+    (activation) into the same kernel, and needs no split-K pass. On the H100 at batch 1 that beats cuBLAS's
+    small-M kernels plus the separate elementwise launches. Run eagerly it would materialise [.., M, K, N]."""
     if by_sum:
-        out = (a.unsqueeze(-1).float() * b.unsqueeze(-3).float()).sum(-2).to(a.dtype)
-        return out if add is None else add + out
-    if add is None:
-        return a @ b
-    return torch.baddbmm(add, a, b) if a.dim() == 3 else torch.addmm(add, a, b)
+        return (a.unsqueeze(-1).float() * b.unsqueeze(-3).float()).sum(-2).to(a.dtype)
+    return a @ b
 
 
 def _by_sum(x: torch.Tensor) -> bool:
